@@ -1,0 +1,85 @@
+"""``P_final``: the model's own answer, by closed-set scoring of the class names.
+
+Each class name is scored as the continuation of the prompt: the sum of the log-probabilities
+of its tokens, divided by its number of tokens (length-normalised, so a long name is not
+penalised for having more tokens). The class with the highest score is the model's answer.
+Single-token names are scored from the logits of the extraction forward itself; multi-token
+names need one extra forward per class and batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError
+
+
+def class_continuations(tokenizer: Any, prompt: str, class_names: list[str]) -> list[list[int]]:
+    """Token ids of each class name as it would continue ``prompt``."""
+    prefix = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    result: list[list[int]] = []
+    for name in class_names:
+        full = tokenizer(prompt + name, add_special_tokens=False)["input_ids"]
+        if full[: len(prefix)] == prefix and len(full) > len(prefix):
+            tokens = list(full[len(prefix):])
+        else:  # the name merged with the end of the prompt: score it on its own
+            tokens = list(tokenizer(name, add_special_tokens=False)["input_ids"])
+        if not tokens:
+            raise ConfigError(f"class name {name!r} tokenizes to nothing; rename the class folder")
+        result.append(tokens)
+    seen: dict[tuple[int, ...], str] = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for name, tokens in zip(class_names, result):
+        if unk is not None and tokens == [unk]:
+            raise ConfigError(
+                f"class name {name!r} is unknown to the tokenizer (it becomes the unknown token); "
+                "the model cannot say it: rename the class or use the model's vocabulary"
+            )
+        key = tuple(tokens)
+        if key in seen:
+            raise ConfigError(
+                f"class names {seen[key]!r} and {name!r} tokenize to the same tokens; "
+                "the model's answer could not tell them apart: rename one of them"
+            )
+        seen[key] = name
+    return result
+
+
+def single_token(continuations: list[list[int]]) -> bool:
+    return all(len(c) == 1 for c in continuations)
+
+
+def scores_from_last_logits(last_logits: Any, continuations: list[list[int]]) -> Any:
+    """``[B, K]`` scores from the last prompt position's logits (single-token names)."""
+    import torch
+
+    logp = torch.log_softmax(last_logits.float(), dim=-1)
+    ids = torch.tensor([c[0] for c in continuations], device=logp.device)
+    return logp[:, ids]
+
+
+def scores_by_continuation(
+    model: Any, inputs: dict[str, Any], continuations: list[list[int]], extra: dict[str, Any]
+) -> Any:
+    """``[B, K]`` length-normalised scores, one forward per class (left-padded inputs)."""
+    import torch
+
+    input_ids = inputs["input_ids"]
+    mask = inputs["attention_mask"]
+    batch = input_ids.shape[0]
+    columns = []
+    for tokens in continuations:
+        cont = torch.tensor(tokens, device=input_ids.device).expand(batch, -1)
+        ids = torch.cat([input_ids, cont], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
+        kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        kwargs.update(extra)
+        if "position_ids" in extra:
+            kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        m = len(tokens)
+        out = model(input_ids=ids, attention_mask=full_mask, logits_to_keep=m + 1, **kwargs)
+        logits = out.logits[:, -(m + 1):-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(-1, cont.unsqueeze(-1)).squeeze(-1)
+        columns.append(picked.mean(dim=1))
+    return torch.stack(columns, dim=1)

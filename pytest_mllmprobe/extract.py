@@ -1,0 +1,317 @@
+"""Pooled features at every locus from ONE forward pass per batch.
+
+Forward hooks sit on every vision block, the connector and every decoder layer. Each hook
+pools its output on the fly (float32 accumulation), so memory stays
+O(loci x images x hidden): no layer's full token sequence outlives its hook.
+
+Readouts:
+  vision.<i>    mean over patch tokens (the class token, where there is one, is left out)
+  connector     mean over the projected visual tokens
+  llm.<i>.image mean over the image-token positions of the prompt
+  llm.<i>.last  the last prompt token (found from the attention mask: left or right padding)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .answer import scores_by_continuation, scores_from_last_logits, single_token
+from .errors import ConfigError
+from .models.stages import MASK_POSITION_FAMILIES, StageMap
+
+
+@dataclass
+class Features:
+    """Pooled features per locus (``[N, D]`` float32) and the answer scores (``[N, K]``)."""
+
+    loci: dict[str, np.ndarray]
+    answer_scores: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return int(self.answer_scores.shape[0])
+
+
+class ExtractionError(RuntimeError):
+    """A hook did not fire, fired twice, or saw a shape it cannot pool."""
+
+
+def _first_tensor(output: Any) -> Any:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    for key in ("last_hidden_state", "hidden_states"):
+        value = getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ExtractionError(f"cannot read a tensor from a module output of type {type(output).__name__}")
+
+
+def _segment_mean(pooled: Any, segments: Sequence[int] | None) -> Any:
+    """Average consecutive rows (e.g. the tiles of one image) into one row per image."""
+    import torch
+
+    if segments is None:
+        return pooled
+    if sum(segments) != pooled.shape[0]:
+        raise ExtractionError(
+            f"the vision stage saw {pooled.shape[0]} rows but the batch has {sum(segments)} tiles"
+        )
+    return torch.stack([chunk.mean(0) for chunk in torch.split(pooled, list(segments))])
+
+
+class PoolingHooks:
+    """Forward hooks on every locus; use as a context manager so they are always removed."""
+
+    def __init__(self, model: Any, stage_map: StageMap) -> None:
+        self.model = model
+        self.stage_map = stage_map
+        self._handles: list[Any] = []
+        self._pooled: dict[str, Any] = {}
+        self._image_mask: Any = None
+        self._last_index: Any = None
+        self._segments: Sequence[int] | None = None
+        self._active = True
+
+    # -- context management -------------------------------------------------------------
+    def __enter__(self) -> PoolingHooks:
+        try:
+            for i, path in enumerate(self.stage_map.vision_layers):
+                self._register(path, self._vision_hook(f"vision.{i}"))
+            self._register(self.stage_map.connector, self._connector_hook())
+            for i, path in enumerate(self.stage_map.llm_layers):
+                self._register(path, self._llm_hook(i))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _register(self, path: str, hook: Callable[..., None]) -> None:
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError as exc:
+            raise ConfigError(f"the model has no module {path!r} to hook: {exc}") from exc
+        self._handles.append(module.register_forward_hook(hook))
+
+    # -- per batch ------------------------------------------------------------------------
+    def begin_batch(self, image_mask: Any, last_index: Any, segments: Sequence[int] | None) -> None:
+        self._pooled = {}
+        self._image_mask = image_mask
+        self._last_index = last_index
+        self._segments = segments
+
+    def end_batch(self) -> dict[str, Any]:
+        expected = self.expected_loci()
+        missing = [name for name in expected if name not in self._pooled]
+        if missing:
+            raise ExtractionError(
+                f"these hooks did not fire during the forward pass: {', '.join(missing)}; the "
+                "detected stage modules are not on the model's forward path (override them with "
+                "--mllm-stages)"
+            )
+        pooled, self._pooled = self._pooled, {}
+        return pooled
+
+    def expected_loci(self) -> list[str]:
+        names = [f"vision.{i}" for i in range(len(self.stage_map.vision_layers))]
+        names.append("connector")
+        for i in range(len(self.stage_map.llm_layers)):
+            names += [f"llm.{i}.image", f"llm.{i}.last"]
+        return names
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore forwards run inside this block (the extra answer-scoring passes)."""
+        self._active = False
+        try:
+            yield
+        finally:
+            self._active = True
+
+    def _store(self, name: str, value: Any) -> None:
+        if name in self._pooled:
+            raise ExtractionError(
+                f"the hook for {name} fired twice in one forward pass; this module is called more "
+                "than once per image, so its output cannot be pooled per image"
+            )
+        self._pooled[name] = value.detach().float().cpu()
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _vision_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if not self._active:
+                return
+            hidden = _first_tensor(output)
+            if hidden.dim() != 3:
+                raise ExtractionError(f"{name}: expected [batch, tokens, hidden], got {tuple(hidden.shape)}")
+            tokens = hidden[:, 1:] if self.stage_map.drop_cls else hidden
+            self._store(name, _segment_mean(tokens.float().mean(dim=1), self._segments))
+
+        return hook
+
+    def _connector_hook(self) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if not self._active:
+                return
+            hidden = _first_tensor(output)
+            if hidden.dim() == 3:
+                pooled = hidden.float().mean(dim=1)
+            else:
+                raise ExtractionError(f"connector: expected [batch, tokens, hidden], got {tuple(hidden.shape)}")
+            self._store("connector", _segment_mean(pooled, self._segments))
+
+        return hook
+
+    def _llm_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if not self._active:
+                return
+            import torch
+
+            hidden = _first_tensor(output).float()
+            mask = self._image_mask.to(hidden.device)
+            counts = mask.sum(dim=1, keepdim=True)
+            if bool((counts == 0).any()):
+                raise ExtractionError("a prompt in the batch holds no image tokens")
+            image = (hidden * mask.unsqueeze(-1)).sum(dim=1) / counts
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = hidden[rows, self._last_index.to(hidden.device)]
+            self._store(f"llm.{index}.image", image)
+            self._store(f"llm.{index}.last", last)
+
+        return hook
+
+
+def last_prompt_index(attention_mask: Any) -> Any:
+    """Index of the last attended position per row: correct for left and right padding."""
+    import torch
+
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def prepare_inputs(
+    processor: Any, images: list[Any], prompts: list[str], device: Any, dtype: Any, padding_side: str = "left"
+) -> dict[str, Any]:
+    """Run the processor (left padding by default); move tensors to the device (floats to ``dtype``)."""
+    import torch
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    side = getattr(tokenizer, "padding_side", None)
+    try:
+        tokenizer.padding_side = padding_side
+        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    finally:
+        if side is not None:
+            tokenizer.padding_side = side
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+def vision_segments(stage_map: StageMap, model: Any, inputs: dict[str, Any]) -> list[int] | None:
+    """Rows of the vision batch per image, for families that encode several tiles per image."""
+    if stage_map.family != "llava_next" or "image_sizes" not in inputs:
+        return None
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    return [
+        int(image_size_to_num_patches(
+            image_size=tuple(size.tolist()),
+            grid_pinpoints=config.image_grid_pinpoints,
+            patch_size=config.vision_config.image_size,
+        ))
+        for size in inputs["image_sizes"]
+    ]
+
+
+def extract(
+    model: Any,
+    processor: Any,
+    stage_map: StageMap,
+    images: Callable[[Sequence[int]], list[Any]],
+    prompts: Sequence[str],
+    continuations: list[list[int]],
+    *,
+    batch_size: int,
+    device: Any,
+    dtype: Any,
+    progress: Callable[[int, int], None] | None = None,
+    padding_side: str = "left",
+) -> Features:
+    """Pooled features of every locus and answer scores for ``len(prompts)`` images.
+
+    ``images(indices)`` returns the PIL images of those sample indices, so images are read one
+    batch at a time. Left padding is the default (the answer's continuation scoring needs it);
+    right padding gives the same features.
+    """
+    import torch
+
+    if stage_map.image_token_id is None:
+        raise ConfigError(
+            f"the {stage_map.family!r} config has no image_token_id / image_token_index: the "
+            "image-token readout cannot find the image positions"
+        )
+    n = len(prompts)
+    collected: dict[str, list[Any]] = {}
+    scores: list[Any] = []
+    with PoolingHooks(model, stage_map) as hooks, torch.inference_mode():
+        for start in range(0, n, batch_size):
+            index = list(range(start, min(start + batch_size, n)))
+            inputs = prepare_inputs(
+                processor, images(index), [prompts[i] for i in index], device, dtype, padding_side
+            )
+            mask = inputs["attention_mask"]
+            extra: dict[str, Any] = {}
+            if stage_map.family in MASK_POSITION_FAMILIES:
+                extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            last_index = last_prompt_index(mask)
+            hooks.begin_batch(
+                inputs["input_ids"] == stage_map.image_token_id,
+                last_index,
+                vision_segments(stage_map, model, inputs),
+            )
+            left_padded = bool((last_index == mask.shape[1] - 1).all())
+            # Left padding puts every row's last prompt token at the end: only its logits are needed.
+            out = model(**inputs, **extra, logits_to_keep=1 if left_padded else 0)
+            for name, value in hooks.end_batch().items():
+                collected.setdefault(name, []).append(value)
+            if left_padded:
+                last_logits = out.logits[:, -1]
+            else:
+                rows = torch.arange(mask.shape[0], device=out.logits.device)
+                last_logits = out.logits[rows, last_index.to(out.logits.device)]
+            if single_token(continuations):
+                batch_scores = scores_from_last_logits(last_logits, continuations)
+            elif not left_padded:
+                raise ExtractionError("multi-token class names are scored on left-padded prompts only")
+            else:
+                with hooks.paused():
+                    batch_scores = scores_by_continuation(model, inputs, continuations, extra)
+            scores.append(batch_scores.float().cpu())
+            del out
+            if progress is not None:
+                progress(index[-1] + 1, n)
+    loci = {name: torch.cat(parts).numpy() for name, parts in collected.items()}
+    return Features(loci=loci, answer_scores=torch.cat(scores).numpy())

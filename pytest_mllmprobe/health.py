@@ -1,0 +1,69 @@
+"""Feature Health Score, stage transitions, and the four failure modes.
+
+Formulas from Zhu et al. 2026 (arXiv:2604.08333), restated in METHOD.md::
+
+    GF  = ln(P_end / sqrt(P_start * P_min))
+    VP  = exp(-lambda * sum_i |P(i+1) - P(i)| / P_end)
+    FHS = P_end * (1 + GF) * VP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+LAMBDA = 0.2
+
+STAGE_ORDER = ("vision", "connector", "llm", "answer")
+
+FAILURE_MODES = {
+    "vision": "quality limitation in visual representation",
+    "connector": "fidelity loss in connector projection",
+    "llm": "comprehension deficit in LLM reasoning",
+    "answer": "misalignment of semantic mapping",
+}
+
+
+def growth_factor(curve: Sequence[float]) -> float:
+    """``ln(P_end / sqrt(P_start * P_min))``; 0 for a flat curve."""
+    _check_curve(curve)
+    start, end, low = curve[0], curve[-1], min(curve)
+    if end <= 0:
+        return -math.inf
+    if start <= 0 or low <= 0:
+        return math.inf
+    return math.log(end / math.sqrt(start * low))
+
+
+def volatility_penalty(curve: Sequence[float], lam: float = LAMBDA) -> float:
+    """``exp(-lambda * total variation / P_end)``; 1 for a flat or one-point curve."""
+    _check_curve(curve)
+    end = curve[-1]
+    variation = sum(abs(b - a) for a, b in zip(curve[:-1], curve[1:]))
+    if variation == 0:
+        return 1.0
+    if end <= 0:
+        return 0.0
+    return math.exp(-lam * variation / end)
+
+
+def feature_health_score(curve: Sequence[float], lam: float = LAMBDA) -> float:
+    """FHS of one stage's probe curve, in layer order. Equals ``P_end`` for a flat curve.
+
+    A curve that ends at 0 scores 0 (nothing is left to be healthy about).
+    """
+    _check_curve(curve)
+    end = curve[-1]
+    if end <= 0:
+        return 0.0
+    gf = growth_factor(curve)
+    if math.isinf(gf):  # a zero start or minimum: growth is unbounded, report it as such
+        return math.inf
+    return end * (1.0 + gf) * volatility_penalty(curve, lam)
+
+
+def _check_curve(curve: Sequence[float]) -> None:
+    if len(curve) == 0:
+        raise ValueError("a stage curve needs at least one probe value")
+    if any(math.isnan(v) or v < 0 for v in curve):
+        raise ValueError(f"probe values must be non-negative numbers, got {list(curve)}")

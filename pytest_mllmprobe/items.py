@@ -1,0 +1,167 @@
+"""pytest items: one per (model, locus) and one per (model, stage rule).
+
+Item names are the locus names (``vision.3``, ``connector``, ``llm.5.image``, ``llm.5.last``,
+``answer``) and ``stage.<stage>`` for the stage rules, under a node named after the model,
+so ``-k connector``, ``-k "llm and last"`` or ``-k "demo and stage"`` select what they say.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from .health import FAILURE_MODES, STAGE_ORDER
+
+
+
+class ProbeFailure(AssertionError):
+    """A probe or stage rule is below its threshold; ``repr_failure`` prints the table."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class ModelNode(pytest.Collector):
+    """All probe tests of one model; evaluates the model once, on its first test."""
+
+    def setup_plan(self, plan: Any, model_plan: Any, cache: dict[str, Any]) -> None:
+        self.plan = plan
+        self.model_plan = model_plan
+        self._cache = cache
+
+    def collect(self) -> list[pytest.Item]:
+        loci = self.model_plan.loci
+        ordered: list[str] = []
+        for stage in STAGE_ORDER:
+            ordered += [n for n in loci if n.split(".")[0] == stage]
+            ordered.append(f"stage.{stage}")
+        return [ProbeItem.from_parent(self, name=name) for name in ordered]
+
+    def result(self) -> Any:
+        """The :class:`~pytest_mllmprobe.results.ModelResult`, computed on first use."""
+        __tracebackhide__ = True
+        label = self.model_plan.spec.label
+        if label not in self._cache:
+            from .engine import evaluate
+
+            try:
+                self._cache[label] = evaluate(self.plan, self.model_plan)
+            except Exception as exc:  # cached: one broken model is not re-run for every item
+                self._cache[label] = exc
+        value = self._cache[label]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
+class ProbeItem(pytest.Item):
+    """Asserts one verdict of one model."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from .plugin import MARKER
+
+        self.add_marker(MARKER)
+        self.figures: dict[str, Any] | None = None
+        self.model_summary: dict[str, Any] | None = None
+
+    @property
+    def stage(self) -> str:
+        return self.name.split(".")[1] if self.name.startswith("stage.") else self.name.split(".")[0]
+
+    def runtest(self) -> None:
+        __tracebackhide__ = True
+        assert isinstance(self.parent, ModelNode)
+        result = self.parent.result()
+        verdict = result.verdicts[self.name]
+        self.figures = figures(result, verdict)
+        self.model_summary = model_summary(result)
+        from .plugin import XUNIT_WITH_TESTCASE_PROPERTIES, junit_family
+
+        if junit_family(self.config) in XUNIT_WITH_TESTCASE_PROPERTIES:
+            self.user_properties.extend(
+                (key, value) for key, value in self.figures.items() if value is not None
+            )
+        if not verdict.passed:
+            raise ProbeFailure(failure_table(result, verdict))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, ProbeFailure):
+            return excinfo.value.text
+        from .errors import ConfigError
+
+        if isinstance(excinfo.value, ConfigError):
+            return f"{self.parent.name}: {excinfo.value}"
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"mllm {self.parent.name}::{self.name}"
+
+
+def figures(result: Any, verdict: Any) -> dict[str, Any]:
+    """The figures of one test, for JUnit and reporters (JSON-able)."""
+    check = verdict.headline
+    return {
+        "model": result.label,
+        "stage": verdict.stage,
+        "locus": verdict.locus,
+        "test": verdict.test,
+        "metric": check.metric if check else result.metric,
+        "value": _round(check.value) if check else None,
+        "threshold": _round(check.threshold) if check else None,
+        "delta": _round(check.delta) if check else None,
+        "rule": check.rule if check else None,
+        "passed": verdict.passed,
+        "failure_mode": verdict.failure_mode,
+    }
+
+
+def model_summary(result: Any) -> dict[str, Any]:
+    consumed = ", ".join(f"vision.{i}" for i in result.stage_map["consumed_vision_layers"])
+    return {
+        "label": result.label,
+        "family": result.stage_map["family"],
+        "n_test": result.n_test,
+        "consumed": f"{consumed} (vision_feature_layer={result.stage_map['vision_feature_layer']!r})",
+        "profile": result.profile,
+        "diagnosis": result.diagnosis,
+        "first_failing_stage": result.first_failing_stage,
+        "scores": {k: _round(v) for k, v in result.scores.items()},
+    }
+
+
+def failure_table(result: Any, verdict: Any) -> str:
+    """A short table: model, stage, locus, metric, value, threshold, delta, rule; then the mode."""
+    rows = [("model", "stage", "locus", "metric", "value", "threshold", "delta", "rule")]
+    for check in verdict.checks:
+        rows.append((
+            result.label, verdict.stage, verdict.locus, check.metric, _cell(check.value),
+            _cell(check.threshold), _cell(check.delta, signed=True),
+            ("FAIL " if not check.passed else "ok   ") + check.explanation,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    failing = [c for c in verdict.checks if not c.passed]
+    lines.append(f"failure mode: {FAILURE_MODES[verdict.stage]} (stage {verdict.stage})")
+    lines.append("thresholds: " + "; ".join(sorted({c.source for c in failing})))
+    first = result.first_failing_stage
+    if first is not None and first != verdict.stage:
+        lines.append(f"note: the first failing stage of {result.label} is {first} ({FAILURE_MODES[first]}); this stage may inherit that loss")
+    return "\n".join(lines)
+
+
+def _round(value: Any) -> Any:
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return round(float(value), 4)
+
+
+def _cell(value: float, signed: bool = False) -> str:
+    if not math.isfinite(value):
+        return "-"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+

@@ -1,0 +1,160 @@
+"""Load a vision-language model with the transformers Auto classes, like a user would."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: ``label`` names the model in test ids, ``source`` is loaded."""
+
+    label: str
+    source: str
+    is_demo: bool = False
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    processor: Any
+    device: Any
+    dtype: Any
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Turn ``--mllm-model`` into a spec: ``demo``, a local folder, or a hub id."""
+    if name == "demo":
+        from ..demo import DEMO_MODEL
+
+        return ModelSpec("demo", str(DEMO_MODEL), is_demo=True)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError(
+                f"--mllm-model {name!r} is not a saved model: expected a folder with config.json "
+                "(written by model.save_pretrained and processor.save_pretrained), 'demo', or a "
+                "hub id such as 'org/name'"
+            )
+        label = path.resolve().name
+        return ModelSpec(label, str(path.resolve()))
+    if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return ModelSpec(name.split("/")[-1], name)
+    raise ConfigError(
+        f"--mllm-model {name!r} was not found: no such folder, and it is not a hub id; expected a "
+        "local folder with config.json (from save_pretrained), 'demo' for the bundled model, or "
+        "a hub id such as 'org/name'"
+    )
+
+
+def _load_config(spec: ModelSpec, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise ConfigError(
+                f"--mllm-model {spec.source!r} needs its own code from the model folder or hub; "
+                "run again with --mllm-trust-remote-code if you trust it"
+            ) from exc
+        raise ConfigError(f"--mllm-model {spec.source!r}: cannot read its config: {text}") from exc
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set: only local folders and cached hub models work)" if offline else ""
+        raise ConfigError(
+            f"--mllm-model {spec.source!r} could not be loaded{hint}: {_first_line(exc)}; expected a "
+            "local folder with config.json or a reachable hub id"
+        ) from exc
+
+
+def load_structure(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
+    """The model's module tree on the ``meta`` device: no weights read, no memory used.
+
+    Enough to detect the stages and name the loci at collection time.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    config = _load_config(spec, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--mllm-model {spec.source!r} (model_type {getattr(config, 'model_type', '?')!r}) is "
+            f"not an image-text-to-text model that AutoModelForImageTextToText can build: "
+            f"{_first_line(exc)}"
+        ) from exc
+
+
+def pick_device(device: str) -> Any:
+    """``auto`` = the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--mllm-device {device!r} asked for CUDA, but torch sees no GPU; use cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--mllm-device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+
+
+def pick_dtype(dtype: str, device: Any) -> Any:
+    """``auto`` = float32 on the CPU, bfloat16 on a GPU that supports it."""
+    import torch
+
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(
+    spec: ModelSpec, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load processor and weights (``AutoProcessor`` + ``AutoModelForImageTextToText``), eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _load_config(spec, trust_remote_code)  # clear messages for missing/remote-code models
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    try:
+        processor = AutoProcessor.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"--mllm-model {spec.source!r}: cannot load its processor with AutoProcessor: "
+            f"{_first_line(exc)}; save it next to the model with processor.save_pretrained(path)"
+        ) from exc
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            spec.source, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--mllm-model {spec.source!r}: cannot load its weights with "
+            f"AutoModelForImageTextToText: {_first_line(exc)}"
+        ) from exc
+    model.to(torch_device)
+    model.eval()
+    return LoadedModel(spec, model, processor, torch_device, torch_dtype)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,229 @@
+"""Find the vision encoder, connector and language-model stages from a model's module tree.
+
+Detection works from structure, not from one hard-coded path per class: known attribute
+names in priority order, the largest layer list inside each stage, and ``get_decoder()``.
+The result is a :class:`StageMap` of module *paths*, so it can be computed on a ``meta``
+model at collection time and applied to the loaded model later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, close_matches
+
+VISION_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder")
+CONNECTOR_NAMES = (
+    "multi_modal_projector", "mm_projector", "connector", "projector", "aligner", "merger",
+)
+LANGUAGE_NAMES = ("language_model", "text_model", "llm", "decoder")
+
+# Families whose one-dimensional rotary positions can be rebuilt from the attention mask,
+# which makes left-padded rows exactly equal to unpadded ones.
+MASK_POSITION_FAMILIES = ("llava", "llava_next", "vipllava")
+
+
+@dataclass(frozen=True)
+class StageMap:
+    """Where each pipeline stage lives, as dotted module paths."""
+
+    family: str
+    vision_layers: tuple[str, ...]
+    connector: str
+    llm_layers: tuple[str, ...]
+    consumed_vision_layers: tuple[int, ...]
+    vision_feature_layer: Any
+    drop_cls: bool
+    image_token_id: int | None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def loci(self) -> tuple[str, ...]:
+        """Locus names in pipeline order."""
+        names = [f"vision.{i}" for i in range(len(self.vision_layers))]
+        names.append("connector")
+        for i in range(len(self.llm_layers)):
+            names += [f"llm.{i}.image", f"llm.{i}.last"]
+        names.append("answer")
+        return tuple(names)
+
+    @property
+    def consumed_description(self) -> str:
+        layers = ", ".join(f"vision.{i}" for i in self.consumed_vision_layers)
+        return f"{layers} (vision_feature_layer={self.vision_feature_layer!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "vision_layers": list(self.vision_layers),
+            "connector": self.connector,
+            "llm_layers": list(self.llm_layers),
+            "consumed_vision_layers": list(self.consumed_vision_layers),
+            "vision_feature_layer": self.vision_feature_layer,
+            "drop_cls": self.drop_cls,
+            "image_token_id": self.image_token_id,
+            "notes": list(self.notes),
+        }
+
+
+OVERRIDE_KEYS = ("vision", "connector", "llm")
+
+
+def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageMap:
+    """Detect the stages of a transformers vision-language model (loaded or on ``meta``).
+
+    ``overrides`` maps ``vision`` / ``llm`` to the path of a layer list and ``connector`` to
+    the path of the connector module; they win over detection.
+    """
+    config = model.config
+    family = getattr(config, "model_type", type(model).__name__)
+    modules = dict(model.named_modules())
+    overrides = dict(overrides or {})
+    for key, path in overrides.items():
+        if key not in OVERRIDE_KEYS:
+            raise ConfigError(
+                f"--mllm-stages: unknown stage {key!r}{close_matches(key, OVERRIDE_KEYS)}; "
+                f"valid stages: {', '.join(OVERRIDE_KEYS)}"
+            )
+        if path not in modules:
+            raise ConfigError(
+                f"--mllm-stages {key}={path}: this model has no module {path!r}"
+                f"{close_matches(path, [p for p in modules if p])}"
+            )
+
+    vision = _find_named(modules, VISION_NAMES)
+    language = _language_model_path(model, modules)
+    connector = overrides.get("connector") or _find_named(
+        modules, CONNECTOR_NAMES, outside=(vision, language)
+    )
+    vision_layers = overrides.get("vision") or (vision and _largest_layer_list(modules, vision))
+    llm_layers = overrides.get("llm") or (language and _largest_layer_list(modules, language))
+    missing = [
+        name for name, path in (
+            ("vision encoder layers", vision_layers),
+            ("connector", connector),
+            ("language-model layers", llm_layers),
+        ) if not path
+    ]
+    if missing:
+        raise ConfigError(_unsupported_message(model, family, missing))
+    for key, path in (("vision", vision_layers), ("llm", llm_layers)):
+        if not _is_layer_list(modules[path]):
+            raise ConfigError(
+                f"--mllm-stages {key}={path}: {path!r} is a {type(modules[path]).__name__}, "
+                "not a list of layers (nn.ModuleList); give the path of the layer list"
+            )
+
+    feature_layer = getattr(config, "vision_feature_layer", None)
+    if feature_layer is None:
+        feature_layer = getattr(config, "vision_feature_layers", None)
+    consumed = _consumed_layers(feature_layer, len(modules[vision_layers]))
+    notes = []
+    if feature_layer is None:
+        notes.append("no vision_feature_layer in the config: the connector is assumed to read the last vision layer")
+
+    return StageMap(
+        family=family,
+        vision_layers=tuple(f"{vision_layers}.{i}" for i in range(len(modules[vision_layers]))),
+        connector=connector,
+        llm_layers=tuple(f"{llm_layers}.{i}" for i in range(len(modules[llm_layers]))),
+        consumed_vision_layers=consumed,
+        vision_feature_layer=feature_layer,
+        drop_cls=bool(vision) and _has_class_token(modules, vision),
+        image_token_id=_image_token_id(config),
+        notes=tuple(notes),
+    )
+
+
+def _find_named(modules: dict[str, Any], names: tuple[str, ...], outside: tuple[str | None, ...] = ()) -> str | None:
+    """The shallowest module whose own name is the first of ``names`` that occurs."""
+    fences = [o for o in outside if o]
+    for wanted in names:
+        hits = [
+            path for path in modules
+            if path.split(".")[-1] == wanted
+            and not any(path == f or path.startswith(f + ".") for f in fences)
+        ]
+        if hits:
+            return min(hits, key=lambda p: p.count("."))
+    return None
+
+
+def _language_model_path(model: Any, modules: dict[str, Any]) -> str | None:
+    decoder = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError, TypeError):
+            decoder = None
+    if decoder is not None and decoder is not model:
+        for path, module in modules.items():
+            if module is decoder and path:
+                return path
+    return _find_named(modules, LANGUAGE_NAMES)
+
+
+def _largest_layer_list(modules: dict[str, Any], root: str) -> str | None:
+    """The longest ``nn.ModuleList`` under ``root`` (shallowest on ties)."""
+    import torch.nn as nn
+
+    best: tuple[int, int, str] | None = None
+    for path, module in modules.items():
+        if not (path == root or path.startswith(root + ".")):
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            key = (len(module), -path.count("."), path)
+            if best is None or key > best:
+                best = key
+    return best[2] if best else None
+
+
+def _consumed_layers(feature_layer: Any, n_layers: int) -> tuple[int, ...]:
+    """Map ``vision_feature_layer`` (an index into hidden_states, which start with the
+    embeddings) to the encoder block whose output the connector reads."""
+    if feature_layer is None:
+        return (n_layers - 1,)
+    indices = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    layers = []
+    for index in indices:
+        index = int(index)
+        block = n_layers + index if index < 0 else index - 1
+        layers.append(min(max(block, 0), n_layers - 1))
+    return tuple(sorted(set(layers)))
+
+
+def _is_layer_list(module: Any) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, nn.ModuleList) and len(module) > 0
+
+
+def _has_class_token(modules: dict[str, Any], vision: str) -> bool:
+    for path, module in modules.items():
+        if (path == vision or path.startswith(vision + ".")) and hasattr(module, "class_embedding"):
+            return True
+    return False
+
+
+def _image_token_id(config: Any) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _unsupported_message(model: Any, family: str, missing: list[str]) -> str:
+    top = [name for name, _ in model.named_children()]
+    inner = []
+    for name, child in model.named_children():
+        inner += [f"{name}.{n}" for n, _ in child.named_children()]
+    found = ", ".join(top + inner[:20]) or "(no sub-modules)"
+    return (
+        f"cannot find the {', '.join(missing)} of this {family!r} model "
+        f"({type(model).__name__}); its modules are: {found}. Name the stages yourself, e.g. "
+        "--mllm-stages vision=model.vision_tower.encoder.layers,"
+        "connector=model.multi_modal_projector,llm=model.language_model.layers"
+    )

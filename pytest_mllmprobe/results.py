@@ -1,0 +1,203 @@
+"""What a run produces: per-locus scores, stage scores, verdicts. Plain data, JSON-able."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .health import FAILURE_MODES, STAGE_ORDER
+
+SCHEMA_VERSION = 1
+
+
+def stage_of(locus: str) -> str:
+    """``vision.3`` -> vision, ``llm.2.last`` -> llm, ``stage.connector`` -> connector."""
+    if locus.startswith("stage."):
+        return locus.split(".", 1)[1]
+    return locus.split(".", 1)[0]
+
+
+@dataclass
+class LocusResult:
+    """One locus: its probe (or, for ``answer``, the model's own answer) on the test split."""
+
+    name: str
+    stage: str
+    layer: int | None
+    readout: str | None
+    dim: int
+    accuracy: float
+    balanced_accuracy: float
+    chance: dict[str, float]
+    correct: np.ndarray = field(repr=False)
+    finite: bool = True
+
+    def metric(self, name: str) -> float:
+        return float(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "layer": self.layer,
+            "readout": self.readout,
+            "dim": self.dim,
+            "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "chance": dict(self.chance),
+            "finite": self.finite,
+            "correct": [bool(c) for c in self.correct],
+        }
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule applied to one figure: ``value >= threshold``."""
+
+    rule: str
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    explanation: str
+    source: str
+
+    @property
+    def delta(self) -> float:
+        return self.value - self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule, "metric": self.metric, "value": _num(self.value),
+            "threshold": _num(self.threshold), "delta": _num(self.delta), "passed": self.passed,
+            "explanation": self.explanation, "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one generated test: a locus test or a stage rule."""
+
+    test: str
+    stage: str
+    locus: str
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failure_mode(self) -> str | None:
+        return None if self.passed else FAILURE_MODES[self.stage]
+
+    @property
+    def headline(self) -> Check | None:
+        """The check to report in one line: the first failing one, else the first."""
+        failing = [c for c in self.checks if not c.passed]
+        return (failing or list(self.checks) or [None])[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "test": self.test, "stage": self.stage, "locus": self.locus, "passed": self.passed,
+            "failure_mode": self.failure_mode, "checks": [c.to_dict() for c in self.checks],
+        }
+
+
+@dataclass
+class ModelResult:
+    """Everything measured for one model."""
+
+    label: str
+    source: str
+    stage_map: dict[str, Any]
+    class_names: tuple[str, ...]
+    metric: str
+    n_train: int
+    n_test: int
+    loci: dict[str, LocusResult]
+    scores: dict[str, float]
+    verdicts: dict[str, Verdict]
+    thresholds: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failing_stages(self) -> list[str]:
+        failed = {v.stage for v in self.verdicts.values() if not v.passed}
+        return [s for s in STAGE_ORDER if s in failed]
+
+    @property
+    def first_failing_stage(self) -> str | None:
+        stages = self.failing_stages
+        return stages[0] if stages else None
+
+    @property
+    def profile(self) -> str:
+        s = self.scores
+        return (
+            f"FHS_V {_fmt(s['FHS_V'])} -> FHS_C {_fmt(s['FHS_C'])} -> "
+            f"FHS_L {_fmt(s['FHS_L'])} -> P_final {_fmt(s['P_final'])}"
+        )
+
+    @property
+    def diagnosis(self) -> str:
+        first = self.first_failing_stage
+        if first is None:
+            return "all stages pass"
+        text = f"first failing stage: {first} ({FAILURE_MODES[first]})"
+        downstream = self.failing_stages[1:]
+        if downstream:
+            text += f"; downstream also failing: {', '.join(downstream)}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "source": self.source,
+            "stage_map": self.stage_map,
+            "class_names": list(self.class_names),
+            "metric": self.metric,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "scores": {k: _num(v) for k, v in self.scores.items()},
+            "profile": self.profile,
+            "first_failing_stage": self.first_failing_stage,
+            "failure_mode": FAILURE_MODES.get(self.first_failing_stage or "", None),
+            "loci": {k: v.to_dict() for k, v in self.loci.items()},
+            "verdicts": {k: v.to_dict() for k, v in self.verdicts.items()},
+            "thresholds": self.thresholds,
+            "timings": dict(self.timings),
+        }
+
+
+@dataclass
+class Results:
+    """A whole run: one :class:`ModelResult` per model label."""
+
+    models: dict[str, ModelResult]
+    settings: dict[str, Any]
+    data: dict[str, Any]
+
+    def __getitem__(self, label: str) -> ModelResult:
+        return self.models[label]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "settings": self.settings,
+            "data": self.data,
+            "models": {k: v.to_dict() for k, v in self.models.items()},
+        }
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _num(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
+        return None
+    return float(value)

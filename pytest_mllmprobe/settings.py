@@ -1,0 +1,76 @@
+"""Run settings: one frozen dataclass, validated once, built from options, ini keys or Python."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+DEVICE_HINT = "auto, cpu, cuda or cuda:N"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROBES = ("linear", "mlp")
+METRICS = ("accuracy", "balanced_accuracy")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides what a run measures.
+
+    ``models`` are ``demo``, local folders or hub ids; ``data`` an ImageFolder (``None`` uses
+    the bundled demo data, allowed only when every model is ``demo``).
+    """
+
+    models: tuple[str, ...] = ()
+    data: str | None = None
+    thresholds: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    max_samples: int | None = None
+    seed: int = 0
+    probe: str = "linear"
+    test_size: float = 0.3
+    trust_remote_code: bool = False
+    metric: str | None = None
+    stages: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--mllm-batch-size {self.batch_size} must be at least 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--mllm-max-samples {self.max_samples} must be at least 1 (omit it to use every image)")
+        if not 0.0 < self.test_size < 1.0:
+            raise ConfigError(f"--mllm-test-size {self.test_size} must be between 0 and 1 (exclusive), e.g. 0.3")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--mllm-dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.probe not in PROBES:
+            raise ConfigError(f"--mllm-probe {self.probe!r} is not one of {', '.join(PROBES)}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ConfigError(f"--mllm-metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ConfigError(f"--mllm-device {device!r} is not a device; use {DEVICE_HINT}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def parse_stage_overrides(text: str | None) -> dict[str, str]:
+    """``vision=PATH,connector=PATH,llm=PATH`` -> dict."""
+    if not text:
+        return {}
+    result: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(
+                f"--mllm-stages {text!r}: {part!r} is not STAGE=PATH; write e.g. "
+                "vision=model.vision_tower.encoder.layers,connector=model.multi_modal_projector"
+            )
+        result[key.strip()] = value.strip()
+    return result

@@ -1,0 +1,171 @@
+"""Extraction: one forward per batch, pooled readouts, per-image invariance, hooks cleaned up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_mllmprobe.answer import class_continuations
+from pytest_mllmprobe.data import load_image, load_image_folder
+from pytest_mllmprobe.errors import ConfigError
+from pytest_mllmprobe.extract import ExtractionError, PoolingHooks, extract
+from pytest_mllmprobe.models import detect_stages, load_model, resolve_model
+from pytest_mllmprobe.prompts import build_prompt
+
+CLASSES = ["normal", "benign", "malignant"]
+SHORT = "Classify the image. Options: {options}."
+LONG = "Please classify the image shown in this scan. Options: {options}. Answer with one option only."
+
+
+def _hooks_left(model) -> int:
+    """Our hooks still registered (transformers registers a few of its own; they are not ours)."""
+    return sum(
+        1 for m in model.modules() for hook in m._forward_hooks.values()
+        if getattr(hook, "__qualname__", "").startswith("PoolingHooks.")
+    )
+
+
+def _run(loaded, stage_map, images, prompts, batch_size, padding_side="left", names=CLASSES):
+    tokenizer = loaded.processor.tokenizer
+    continuations = class_continuations(tokenizer, prompts[0], names)
+    return extract(
+        loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx], prompts,
+        continuations, batch_size=batch_size, device=loaded.device, dtype=loaded.dtype,
+        padding_side=padding_side,
+    )
+
+
+@pytest.fixture(scope="module")
+def seven_images(lesion_data: Path) -> list:
+    data = load_image_folder(lesion_data)
+    picks = [0, 5, 21, 26, 41, 47, 10]
+    return [load_image(data.paths[i]) for i in picks]
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "vipllava"])
+def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    from pytest_mllmprobe.demo.tiny import save_model, tiny_llava
+
+    model, processor = tiny_llava(request.param, seed=1)
+    path = save_model(model, processor, tmp_path_factory.mktemp(request.param) / request.param)
+    loaded = load_model(resolve_model(str(path)), device="cpu", dtype="float32")
+    return loaded, detect_stages(loaded.model)
+
+
+def test_detection_finds_every_stage_and_the_consumed_layer(family_model) -> None:
+    loaded, stage_map = family_model
+    assert len(stage_map.vision_layers) == 3
+    assert len(stage_map.llm_layers) == 4
+    assert stage_map.connector.endswith("multi_modal_projector")
+    assert stage_map.drop_cls  # CLIP has a class token
+    feature_layer = loaded.model.config.vision_feature_layer if stage_map.family != "vipllava" \
+        else loaded.model.config.vision_feature_layers
+    layers = feature_layer if isinstance(feature_layer, list) else [feature_layer]
+    expected = sorted({3 + i if i < 0 else i - 1 for i in layers})
+    assert list(stage_map.consumed_vision_layers) == expected
+
+
+def test_features_do_not_depend_on_batch_size_position_or_padding(family_model, seven_images) -> None:
+    loaded, stage_map = family_model
+    # prompts of different lengths: the batch of 7 is padded, the batches of 1 are not
+    prompts = [build_prompt(loaded.processor, CLASSES, LONG if i % 2 else SHORT) for i in range(7)]
+    alone = _run(loaded, stage_map, seven_images, prompts, batch_size=1)
+    together = _run(loaded, stage_map, seven_images, prompts, batch_size=7)
+    order = [6, 2, 4, 0, 5, 1, 3]
+    shuffled = _run(loaded, stage_map, [seven_images[i] for i in order], [prompts[i] for i in order], batch_size=7)
+    right = _run(loaded, stage_map, seven_images, prompts, batch_size=7, padding_side="right")
+    assert set(alone.loci) == set(stage_map.loci) - {"answer"}
+    for name, reference in alone.loci.items():
+        assert reference.shape == (7, reference.shape[1])
+        np.testing.assert_allclose(together.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(shuffled.loci[name], reference[order], rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(right.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(together.answer_scores, alone.answer_scores, rtol=1e-4, atol=1e-5)
+    # the prompt really matters for the language-model readouts and not for the vision ones
+    assert not np.allclose(alone.loci["llm.3.last"][0], alone.loci["llm.3.last"][1], atol=1e-3)
+    assert _hooks_left(loaded.model) == 0
+
+
+def test_readouts_match_a_reference_computed_from_hidden_states(family_model, seven_images) -> None:
+    import torch
+
+    loaded, stage_map = family_model
+    if stage_map.family != "llava":
+        pytest.skip("reference pooling written for plain llava (one tile per image)")
+    prompt = build_prompt(loaded.processor, CLASSES)
+    ours = _run(loaded, stage_map, seven_images[:2], [prompt] * 2, batch_size=2)
+    batch = loaded.processor(images=seven_images[:2], text=[prompt] * 2, return_tensors="pt")
+    with torch.inference_mode():
+        out = loaded.model(**batch, output_hidden_states=True)
+        vision = loaded.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+    image = batch["input_ids"] == stage_map.image_token_id
+    for i in range(len(stage_map.vision_layers)):
+        expected = vision.hidden_states[i + 1][:, 1:].mean(1).numpy()
+        np.testing.assert_allclose(ours.loci[f"vision.{i}"], expected, rtol=1e-4, atol=1e-5)
+    n_llm = len(stage_map.llm_layers)
+    for i in range(n_llm - 1):  # transformers' last hidden state is after the final norm
+        hidden = out.hidden_states[i + 1]
+        np.testing.assert_allclose(ours.loci[f"llm.{i}.last"], hidden[:, -1].numpy(), rtol=1e-4, atol=1e-5)
+        expected = torch.stack([hidden[b][image[b]].mean(0) for b in range(2)]).numpy()
+        np.testing.assert_allclose(ours.loci[f"llm.{i}.image"], expected, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        normed = loaded.model.model.language_model.norm(torch.from_numpy(ours.loci[f"llm.{n_llm - 1}.last"]))
+    np.testing.assert_allclose(normed.numpy(), out.hidden_states[-1][:, -1].numpy(), rtol=1e-4, atol=1e-5)
+    names = class_continuations(loaded.processor.tokenizer, prompt, CLASSES)
+    logp = torch.log_softmax(out.logits[:, -1], -1)[:, [n[0] for n in names]].numpy()
+    np.testing.assert_allclose(ours.answer_scores, logp, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_token_names_are_scored_as_whole_sequences(family_model, seven_images) -> None:
+    loaded, stage_map = family_model
+    prompt = build_prompt(loaded.processor, ["benign", "malignant mass"])
+    scores = _run(loaded, stage_map, seven_images[:3], [prompt] * 3, batch_size=3,
+                  names=["benign", "malignant mass"]).answer_scores
+    single = _run(loaded, stage_map, seven_images[:3], [prompt] * 3, batch_size=3,
+                  names=["benign", "malignant"]).answer_scores
+    # the single-token score equals the first column; the two-token one is a mean of two log-probs
+    np.testing.assert_allclose(scores[:, 0], single[:, 0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(scores[:, 1], single[:, 1])
+
+
+def test_hooks_are_removed_when_a_forward_fails(family_model) -> None:
+    loaded, stage_map = family_model
+
+    def broken_images(index):
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        extract(loaded.model, loaded.processor, stage_map, broken_images, ["x"], [[1]],
+                batch_size=1, device=loaded.device, dtype=loaded.dtype)
+    assert _hooks_left(loaded.model) == 0
+
+
+def test_a_wrong_module_path_removes_the_hooks_already_placed(family_model) -> None:
+    from dataclasses import replace
+
+    loaded, stage_map = family_model
+    bad = replace(stage_map, connector="model.no_such_projector")
+    with pytest.raises(ConfigError, match="no_such_projector"):
+        with PoolingHooks(loaded.model, bad):
+            pass
+    assert _hooks_left(loaded.model) == 0
+
+
+def test_a_hook_that_never_fires_is_reported(family_model, seven_images) -> None:
+    from dataclasses import replace
+
+    import torch
+
+    loaded, stage_map = family_model
+    # a module the forward never calls stands in for a wrongly detected stage
+    loaded.model.add_module("unused_block", torch.nn.Linear(2, 2))
+    try:
+        bad = replace(stage_map, connector="unused_block")
+        prompt = build_prompt(loaded.processor, CLASSES)
+        with pytest.raises(ExtractionError, match="did not fire during the forward pass: connector"):
+            _run(loaded, bad, seven_images[:1], [prompt], batch_size=1)
+    finally:
+        del loaded.model.unused_block
+    assert _hooks_left(loaded.model) == 0
