@@ -15,7 +15,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".we
 
 @dataclass(frozen=True)
 class Dataset:
-    """Image paths with integer labels into ``class_names``."""
+    """Images with integer labels into ``class_names``.
+
+    ``paths`` are image files; :meth:`image` reads one as RGB. ``ids`` are stable sample ids
+    (paths relative to ``root``), used in results and baselines.
+    """
 
     root: str
     paths: tuple[str, ...]
@@ -24,6 +28,14 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def image(self, index: int):
+        """Sample ``index`` as an RGB PIL image."""
+        return load_image(self.paths[index])
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(Path(p).relative_to(self.root).as_posix() for p in self.paths)
 
     @property
     def fingerprint(self) -> str:

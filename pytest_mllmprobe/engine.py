@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, load_image, load_image_folder, split_indices
+from .data import Dataset, load_image_folder, split_indices
 from .errors import ConfigError
 from .models import ModelSpec, StageMap, detect_stages, load_model, load_structure, resolve_model
 from .prompts import build_prompt
@@ -113,7 +113,7 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     start = time.perf_counter()
     features = extract(
         loaded.model, loaded.processor, stage_map,
-        images=lambda index: [load_image(dataset.paths[i]) for i in index],
+        images=lambda index: [dataset.image(i) for i in index],
         prompts=[prompt] * len(dataset),
         continuations=continuations,
         batch_size=settings.batch_size, device=loaded.device, dtype=loaded.dtype,
@@ -209,5 +209,5 @@ def data_summary(the_plan: Plan) -> dict[str, Any]:
         "fingerprint": dataset.fingerprint,
         "test_size": the_plan.settings.test_size,
         "seed": the_plan.settings.seed,
-        "test_ids": [int(i) for i in the_plan.test],
+        "test_ids": [dataset.ids[i] for i in the_plan.test],
     }

@@ -71,6 +71,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             kwargs["default"] = None
             kwargs["metavar"] = opt.flag[7:].upper()
+            if opt.kind in ("int", "float"):
+                kwargs["type"] = int if opt.kind == "int" else float
         if opt.choices:
             kwargs["choices"] = list(opt.choices)
         group.addoption(opt.flag, **kwargs)

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# Two cores and `-n 2`: each worker (and each subprocess it starts) uses one thread, or
+# OpenMP spin-waiting makes small torch ops hundreds of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 pytest_plugins = ["pytester"]
 
 HERE = Path(__file__).resolve().parent
