@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, load_image_folder, split_indices
+from .data import Dataset, fold_indices, load_dataset, split_indices
 from .errors import ConfigError
 from .models import ModelSpec, StageMap, detect_stages, load_model, load_structure, resolve_model
-from .prompts import build_prompt
+from .prompts import DEFAULT_QUESTION, build_prompt
 from .results import LocusResult, ModelResult, Results, stage_of
 from .settings import Settings
 from .stats import chance_level
@@ -40,11 +40,18 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """The checked run: data, its split (or folds) and every model's stage map and rules.
+
+    With k-fold cross-validation, ``test`` is every image (each is tested once, in its fold)
+    and ``folds`` holds the ``(train, test)`` pairs; otherwise ``folds`` is ``((train, test),)``.
+    """
+
     settings: Settings
     dataset: Dataset
     train: np.ndarray
     test: np.ndarray
     models: tuple[ModelPlan, ...]
+    folds: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
 
 
 def plan(settings: Settings) -> Plan:
@@ -62,7 +69,13 @@ def plan(settings: Settings) -> Plan:
             "different names so their tests can be told apart"
         )
     dataset = _dataset(settings, specs)
-    train, test = split_indices(dataset.labels, settings.test_size, settings.seed)
+    if settings.folds:
+        folds = tuple(fold_indices(dataset, settings.folds, settings.seed))
+        test = np.sort(np.concatenate([te for _, te in folds]))
+        train = np.array([], dtype=np.int64)
+    else:
+        train, test = split_indices(dataset, settings.test_size, settings.seed)
+        folds = ((train, test),)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = []
     for spec in specs:
@@ -70,21 +83,26 @@ def plan(settings: Settings) -> Plan:
         stage_map = detect_stages(structure, settings.stages)
         del structure
         models.append(ModelPlan(spec, stage_map, threshold_set.for_model(spec.label, spec.source)))
-    return Plan(settings, dataset, train, test, tuple(models))
+    return Plan(settings, dataset, train, test, tuple(models), folds)
 
 
 def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
-    if settings.data is None:
-        if all(s.is_demo for s in specs):
-            from .demo import DEMO_DATA
+    source = settings.data
+    if source is None:
+        if not all(s.is_demo for s in specs):
+            others = ", ".join(s.source for s in specs if not s.is_demo)
+            raise ConfigError(
+                f"--mllm-data is required for {others}: give an image folder (data/<class>/<image>), "
+                "a .csv/.jsonl manifest, a MedMNIST-style .npz, a dataset .yaml or module:function "
+                "(only --mllm-model demo brings its own data)"
+            )
+        from .demo import DEMO_DATA
 
-            return load_image_folder(DEMO_DATA, max_samples=settings.max_samples, seed=settings.seed)
-        others = ", ".join(s.source for s in specs if not s.is_demo)
-        raise ConfigError(
-            f"--mllm-data is required for {others}: give an image folder laid out as "
-            "data/<class>/<image> (only --mllm-model demo brings its own data)"
-        )
-    return load_image_folder(settings.data, max_samples=settings.max_samples, seed=settings.seed)
+        source = str(DEMO_DATA)
+    return load_dataset(
+        source, max_samples=settings.max_samples, seed=settings.seed,
+        skip_bad_images=settings.skip_bad_images,
+    )
 
 
 def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None) -> ModelResult:
@@ -106,9 +124,10 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     timings["load_s"] = time.perf_counter() - start
 
     class_names = list(dataset.class_names)
-    prompt = build_prompt(loaded.processor, class_names)
+    spoken = list(dataset.display_names)  # the names the prompt lists and the answer is scored on
+    prompt = build_prompt(loaded.processor, spoken, dataset.prompt or DEFAULT_QUESTION)
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
-    continuations = class_continuations(tokenizer, prompt, class_names)
+    continuations = class_continuations(tokenizer, prompt, spoken)
 
     start = time.perf_counter()
     features = extract(
@@ -124,13 +143,11 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
 
     start = time.perf_counter()
     labels = dataset.labels
-    train, test = the_plan.train, the_plan.test
-    finite = {name: bool(np.isfinite(X).all()) for name, X in features.loci.items()}
-    probe_input = {name: X for name, X in features.loci.items() if finite[name]}
-    scores = fit_probes(probe_input, labels, train, test, kind=settings.probe, seed=settings.seed)
+    test = the_plan.test
+    probed = _probe_loci(features.loci, labels, the_plan.folds, test, settings)
     timings["probe_s"] = time.perf_counter() - start
 
-    from .probes import majority_score, score
+    from .probes import score
 
     y_test = labels[test]
     k = len(class_names)
@@ -143,12 +160,10 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
             # A NaN/inf answer is no answer: counted wrong.
             said = np.where(ok, np.nan_to_num(answer_scores).argmax(axis=1), -1)
             loci[name] = _locus(name, k, score(y_test, said), chance, finite=bool(ok.all()))
-        elif finite[name]:
-            loci[name] = _locus(name, features.loci[name].shape[1], scores[name], chance)
         else:
-            # Nothing can be read from NaN/inf features: score the best constant guess.
-            loci[name] = _locus(name, features.loci[name].shape[1],
-                                majority_score(labels[train], y_test), chance, finite=False)
+            pooled, per_fold, finite = probed[name]
+            loci[name] = _locus(name, features.loci[name].shape[1], pooled, chance, finite=finite,
+                                fold_accuracy=per_fold)
     metric = model_plan.thresholds.metric
     stage_values = stage_scores(loci, stage_map.consumed_vision_layers, metric)
     verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, model_plan.thresholds)
@@ -158,7 +173,7 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
         stage_map=stage_map.to_dict(),
         class_names=tuple(class_names),
         metric=metric,
-        n_train=int(len(train)),
+        n_train=int(len(the_plan.folds[0][0])),
         n_test=int(len(test)),
         loci=loci,
         scores=stage_values,
@@ -168,15 +183,130 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     )
 
 
-def _locus(name: str, dim: int, probe_score: Any, chance: dict[str, float], finite: bool = True) -> LocusResult:
+def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray,
+                settings: Settings) -> dict[str, tuple[Any, list[float] | None, bool]]:
+    """Probe every locus on every fold; pool the out-of-fold outcomes in ``test`` order.
+
+    Returns, per locus: the pooled score, the per-fold accuracies (``None`` for one split), and
+    whether its features were finite (NaN/inf loci are scored as the best constant guess).
+    """
+    from .probes import fit_probes, majority_score, score
+
+    finite = {name: bool(np.isfinite(X).all()) for name, X in features.items()}
+    usable = {name: X for name, X in features.items() if finite[name]}
+    position = {int(i): n for n, i in enumerate(test)}
+    correct = {name: np.zeros(len(test), dtype=bool) for name in features}
+    per_fold: dict[str, list[float]] = {name: [] for name in features}
+    for train, fold_test in folds:
+        scores = fit_probes(usable, labels, train, fold_test, kind=settings.probe, seed=settings.probe_seed)
+        where = [position[int(i)] for i in fold_test]
+        for name in features:
+            fold_score = scores[name] if finite[name] else majority_score(labels[train], labels[fold_test])
+            correct[name][where] = fold_score.correct
+            per_fold[name].append(fold_score.accuracy)
+    y_test = labels[test]
+    result = {}
+    for name in features:
+        # predictions are not kept, only correctness: rebuild a prediction with the same outcome
+        predicted = np.where(correct[name], y_test, -1)
+        pooled = score(y_test, predicted)
+        result[name] = (pooled, per_fold[name] if len(folds) > 1 else None, finite[name])
+    return result
+
+
+def _locus(name: str, dim: int, probe_score: Any, chance: dict[str, float], finite: bool = True,
+           fold_accuracy: list[float] | None = None) -> LocusResult:
     parts = name.split(".")
     layer = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
     readout = parts[2] if len(parts) > 2 else None
     return LocusResult(
         name=name, stage=stage_of(name), layer=layer, readout=readout, dim=int(dim),
         accuracy=probe_score.accuracy, balanced_accuracy=probe_score.balanced_accuracy,
-        chance=dict(chance), correct=probe_score.correct, finite=finite,
+        chance=dict(chance), correct=probe_score.correct, finite=finite, fold_accuracy=fold_accuracy,
     )
+
+
+class Evaluator:
+    """Evaluates each model once, on demand, and compares it with its reference when asked.
+
+    The reference is the model named by ``settings.compare_to`` (same run, same data and split)
+    or the model's entry in the ``settings.baseline`` file; ``update_baseline`` skips comparisons.
+    """
+
+    def __init__(self, the_plan: Plan, progress: Progress | None = None) -> None:
+        self.plan = the_plan
+        self.progress = progress
+        self._results: dict[str, ModelResult | BaseException] = {}
+        self._raw: dict[str, ModelResult] = {}
+        settings = the_plan.settings
+        labels = [m.spec.label for m in the_plan.models]
+        if settings.compare_to is not None and settings.compare_to not in labels:
+            raise ConfigError(
+                f"--mllm-compare-to {settings.compare_to!r} is not one of the models of this run "
+                f"({', '.join(labels)}); name the reference by its label"
+            )
+        self.baseline: dict[str, Any] | None = None
+        if settings.baseline and not settings.update_baseline:
+            from .baseline import check_compatible, load_baseline
+
+            self.baseline = load_baseline(settings.baseline)
+            summary = data_summary(the_plan)
+            for model in the_plan.models:
+                if model.spec.label == settings.compare_to:
+                    continue
+                check_compatible(
+                    self.baseline["models"].get(model.spec.label), model.spec.label, settings.baseline,
+                    fingerprint=summary["fingerprint"], test_ids=summary["test_ids"],
+                    loci=model.loci, class_names=list(the_plan.dataset.class_names),
+                )
+
+    def model_plan(self, label: str) -> ModelPlan:
+        return next(m for m in self.plan.models if m.spec.label == label)
+
+    def raw(self, label: str) -> ModelResult:
+        """The model's own result, before any comparison."""
+        if label not in self._raw:
+            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress)
+        return self._raw[label]
+
+    def result(self, label: str) -> ModelResult:
+        """The model's result with its comparison applied; errors are cached and re-raised."""
+        if label not in self._results:
+            try:
+                self._results[label] = self._compared(label)
+            except Exception as exc:  # one broken model is not re-run for every test
+                self._results[label] = exc
+        value = self._results[label]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def entry(self, label: str) -> dict[str, Any]:
+        from .baseline import entry_from_result
+
+        return entry_from_result(self.raw(label), data_summary(self.plan), self.plan.settings.to_dict())
+
+    def _compared(self, label: str) -> ModelResult:
+        from dataclasses import replace
+
+        from .baseline import compare, regressed_stages
+
+        result = self.raw(label)
+        settings = self.plan.settings
+        if settings.compare_to is not None and label != settings.compare_to:
+            reference, what = self.entry(settings.compare_to), f"model {settings.compare_to!r}"
+            kind, name = "model", settings.compare_to
+        elif self.baseline is not None:
+            reference, what = self.baseline["models"][label], f"baseline {settings.baseline!r}"
+            kind, name = "baseline", str(settings.baseline)
+        else:
+            return result
+        verdicts = compare(result, reference, self.model_plan(label).thresholds, what)
+        comparison = {
+            "against": what, "kind": kind, "reference": name,
+            "regressed_stages": regressed_stages(verdicts),
+        }
+        return replace(result, verdicts=verdicts, comparison=comparison)
 
 
 def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **options: Any) -> Results:
@@ -195,7 +325,8 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
             options[key] = (options[key],)
     settings = Settings(models=tuple(models), data=data, **options)
     the_plan = plan(settings)
-    results = {m.spec.label: evaluate(the_plan, m) for m in the_plan.models}
+    evaluator = Evaluator(the_plan)
+    results = {m.spec.label: evaluator.result(m.spec.label) for m in the_plan.models}
     return Results(models=results, settings=settings.to_dict(), data=data_summary(the_plan))
 
 
@@ -210,4 +341,8 @@ def data_summary(the_plan: Plan) -> dict[str, Any]:
         "test_size": the_plan.settings.test_size,
         "seed": the_plan.settings.seed,
         "test_ids": [dataset.ids[i] for i in the_plan.test],
+        "folds": len(the_plan.folds),
+        "grouped": dataset.groups is not None,
+        "predefined_split": dataset.predefined_split is not None,
+        "skipped": [list(s) for s in dataset.skipped],
     }

@@ -27,10 +27,9 @@ class ProbeFailure(AssertionError):
 class ModelNode(pytest.Collector):
     """All probe tests of one model; evaluates the model once, on its first test."""
 
-    def setup_plan(self, plan: Any, model_plan: Any, cache: dict[str, Any]) -> None:
-        self.plan = plan
+    def setup_plan(self, model_plan: Any, evaluator: Any) -> None:
         self.model_plan = model_plan
-        self._cache = cache
+        self.evaluator = evaluator
 
     def collect(self) -> list[pytest.Item]:
         loci = self.model_plan.loci
@@ -43,18 +42,7 @@ class ModelNode(pytest.Collector):
     def result(self) -> Any:
         """The :class:`~pytest_mllmprobe.results.ModelResult`, computed on first use."""
         __tracebackhide__ = True
-        label = self.model_plan.spec.label
-        if label not in self._cache:
-            from .engine import evaluate
-
-            try:
-                self._cache[label] = evaluate(self.plan, self.model_plan)
-            except Exception as exc:  # cached: one broken model is not re-run for every item
-                self._cache[label] = exc
-        value = self._cache[label]
-        if isinstance(value, BaseException):
-            raise value
-        return value
+        return self.evaluator.result(self.model_plan.spec.label)
 
 
 class ProbeItem(pytest.Item):
@@ -116,7 +104,23 @@ def figures(result: Any, verdict: Any) -> dict[str, Any]:
         "rule": check.rule if check else None,
         "passed": verdict.passed,
         "failure_mode": verdict.failure_mode,
+        **comparison_figures(verdict),
     }
+
+
+def comparison_figures(verdict: Any) -> dict[str, Any]:
+    """``baseline``, ``baseline_delta``, ``p_value`` and the interval, when the test compares."""
+    for check in verdict.checks:
+        if check.rule == "no_regression":
+            return {
+                "baseline": _round(check.reference),
+                "baseline_delta": _round(check.value - check.reference),
+                "p_value": None if check.p_value is None else float(f"{check.p_value:.4g}"),
+                "ci_low": _round(check.ci[0]) if check.ci else None,
+                "ci_high": _round(check.ci[1]) if check.ci else None,
+                "regressed": not check.passed,
+            }
+    return {}
 
 
 def model_summary(result: Any) -> dict[str, Any]:
@@ -134,22 +138,35 @@ def model_summary(result: Any) -> dict[str, Any]:
 
 
 def failure_table(result: Any, verdict: Any) -> str:
-    """A short table: model, stage, locus, metric, value, threshold, delta, rule; then the mode."""
-    rows = [("model", "stage", "locus", "metric", "value", "threshold", "delta", "rule")]
+    """A short table (model, stage, locus, metric, value, threshold, [baseline,] delta, [p,] rule),
+    then the failure mode in words and the threshold keys that decided."""
+    compared = any(c.reference is not None for c in verdict.checks)
+    header = ["model", "stage", "locus", "metric", "value", "threshold"]
+    header += ["baseline", "delta", "p"] if compared else ["delta"]
+    rows = [header]
     for check in verdict.checks:
-        rows.append((
-            result.label, verdict.stage, verdict.locus, check.metric, _cell(check.value),
-            _cell(check.threshold), _cell(check.delta, signed=True),
-            ("FAIL " if not check.passed else "ok   ") + check.explanation,
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+        row = [result.label, verdict.stage, verdict.locus, check.metric, _cell(check.value), _cell(check.threshold)]
+        if compared:
+            row.append("-" if check.reference is None else _cell(check.reference))
+        row.append(_cell(check.delta, signed=True))
+        if compared:
+            row.append("-" if check.p_value is None else f"{check.p_value:.3g}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for row, check in zip(rows, [None, *verdict.checks]):
+        cells = "  ".join(cell.ljust(w) for cell, w in zip(row, widths))
+        rule = "rule" if check is None else ("ok   " if check.passed else "FAIL ") + check.explanation
+        lines.append(f"{cells}  {rule}")
     failing = [c for c in verdict.checks if not c.passed]
     lines.append(f"failure mode: {FAILURE_MODES[verdict.stage]} (stage {verdict.stage})")
     lines.append("thresholds: " + "; ".join(sorted({c.source for c in failing})))
     first = result.first_failing_stage
     if first is not None and first != verdict.stage:
-        lines.append(f"note: the first failing stage of {result.label} is {first} ({FAILURE_MODES[first]}); this stage may inherit that loss")
+        lines.append(
+            f"note: the first failing stage of {result.label} is {first} ({FAILURE_MODES[first]}); "
+            "this stage may inherit that loss"
+        )
     return "\n".join(lines)
 
 

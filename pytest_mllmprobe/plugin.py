@@ -36,25 +36,33 @@ class Option:
 
 OPTIONS = (
     Option("--mllm-model", "mllm_model", [], "model to probe: 'demo' (bundled), a local folder saved with save_pretrained, or a hub id; repeat for several models (default: none, the plugin stays off)", "list"),
-    Option("--mllm-data", "mllm_data", None, "image folder laid out as DATA/<class>/<image> (default: the bundled demo data, only with --mllm-model demo)"),
+    Option("--mllm-data", "mllm_data", None, "data: an image folder DATA/<class>/<image>, a .csv/.jsonl manifest, a MedMNIST-style .npz, a dataset .yaml or module:function (default: the bundled demo data, only with --mllm-model demo)"),
     Option("--mllm-thresholds", "mllm_thresholds", [], "threshold YAML file or folder, merged over the shipped thresholds/default.yaml; repeatable (default: the shipped default only)", "list"),
     Option("--mllm-device", "mllm_device", "auto", "device for the forward pass: auto, cpu, cuda or cuda:N (default: auto = first GPU if any, else cpu)"),
     Option("--mllm-dtype", "mllm_dtype", "auto", "weights dtype (default: auto = float32 on cpu, bfloat16 on a GPU)", choices=("auto", "float32", "bfloat16", "float16")),
     Option("--mllm-batch-size", "mllm_batch_size", 8, "images per forward pass (default: 8)", "int"),
     Option("--mllm-max-samples", "mllm_max_samples", None, "use a class-stratified, seeded subset of this many images (default: every image)", "int"),
-    Option("--mllm-seed", "mllm_seed", 0, "seed of the train/test split, subsampling and MLP probes (default: 0)", "int"),
+    Option("--mllm-seed", "mllm_seed", 0, "seed of the train/test split and of subsampling (default: 0)", "int"),
+    Option("--mllm-probe-seed", "mllm_probe_seed", 0, "seed of MLP probe initialisation and shuffling; does not change the split (default: 0)", "int"),
     Option("--mllm-probe", "mllm_probe", "linear", "probe: linear (softmax regression) or mlp (the paper's 2-layer MLP) (default: linear)", choices=("linear", "mlp")),
     Option("--mllm-test-size", "mllm_test_size", 0.3, "fraction of images held out to score probes and the answer (default: 0.3)", "float"),
     Option("--mllm-metric", "mllm_metric", None, "metric every rule uses, overriding the threshold files: accuracy or balanced_accuracy (default: from the threshold files, shipped: accuracy)", choices=("accuracy", "balanced_accuracy")),
     Option("--mllm-stages", "mllm_stages", None, "override stage detection: vision=PATH,connector=PATH,llm=PATH (module paths; default: detected)"),
     Option("--mllm-trust-remote-code", "mllm_trust_remote_code", False, "allow models that run their own code from the model folder or hub (default: off)", "bool"),
+    Option("--mllm-baseline", "mllm_baseline", None, "compare every test with this baseline JSON; a significant regression fails (default: no comparison)"),
+    Option("--mllm-save-baseline", "mllm_save_baseline", None, "write this run's results as a baseline JSON (merged into an existing file; default: none)"),
+    Option("--mllm-update-baseline", "mllm_update_baseline", False, "rewrite the --mllm-baseline file with this run instead of comparing (default: off)", "bool"),
+    Option("--mllm-compare-to", "mllm_compare_to", None, "compare every other model of this run with the model of this label, on the same data and split (default: none)"),
+    Option("--mllm-folds", "mllm_folds", None, "k-fold cross-validation instead of one split: every image is tested once; per-fold spread reported (default: one split)", "int"),
+    Option("--mllm-skip-bad-images", "mllm_skip_bad_images", False, "skip unreadable images and list them in the summary instead of stopping (default: off)", "bool"),
+    Option("--mllm-report", "mllm_report", None, "write results.json, plots and index.html into this folder (default: none)"),
 )
 
 
 class _Keys:
     settings = pytest.StashKey["Any"]()
-    plan = pytest.StashKey["Any"]()
-    results = pytest.StashKey["dict[str, Any]"]()
+    evaluator = pytest.StashKey["Any"]()
+    sent = pytest.StashKey["set[str]"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -120,6 +128,13 @@ def settings_from_config(config: pytest.Config) -> Any:
         trust_remote_code=bool(values["mllm_trust_remote_code"]),
         metric=values["mllm_metric"],
         stages=parse_stage_overrides(values["mllm_stages"]),
+        probe_seed=values["mllm_probe_seed"],
+        baseline=values["mllm_baseline"],
+        save_baseline=values["mllm_save_baseline"],
+        update_baseline=bool(values["mllm_update_baseline"]),
+        compare_to=values["mllm_compare_to"],
+        folds=values["mllm_folds"],
+        skip_bad_images=bool(values["mllm_skip_bad_images"]),
     )
 
 
@@ -131,8 +146,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     if settings is not None:
         config.stash[_Keys.settings] = settings
-        config.stash[_Keys.results] = {}
-        config.pluginmanager.register(ProbeReporter(config), "mllmprobe-reporter")
+        config.stash[_Keys.sent] = set()
+        config.pluginmanager.register(ProbeReporter(config, settings), "mllmprobe-reporter")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -145,13 +160,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from .items import ModelNode
 
     try:
-        plan = engine.plan(settings)
+        evaluator = engine.Evaluator(engine.plan(settings))
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[_Keys.plan] = plan
-    for model_plan in plan.models:
+    config.stash[_Keys.evaluator] = evaluator
+    for model_plan in evaluator.plan.models:
         node = ModelNode.from_parent(session, name=model_plan.spec.label, nodeid=f"mllm/{model_plan.spec.label}")
-        node.setup_plan(plan, model_plan, config.stash[_Keys.results])
+        node.setup_plan(model_plan, evaluator)
         new = node.collect()
         # Report the node like any collector, so "collected N items" and --collect-only count it.
         config.hook.pytest_collectreport(report=pytest.CollectReport(node.nodeid, "passed", None, new))
@@ -166,7 +181,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if call.when == "call" and figures is not None:
         report.mllm = figures
         report.mllm_model = item.model_summary  # type: ignore[attr-defined]
+        label = figures["model"]
+        sent = item.config.stash[_Keys.sent]
+        if label not in sent:  # once per model and process: the baseline entry and results
+            sent.add(label)
+            evaluator = item.config.stash[_Keys.evaluator]
+            report.mllm_entry = evaluator.entry(label)
+            report.mllm_result = evaluator.result(label).to_dict()
+            report.mllm_data = engine_data_summary(evaluator)
+            if item.config.pluginmanager.hasplugin("html"):
+                from .report.html_extras import pytest_html_extras
+
+                report.extras = [*getattr(report, "extras", []), *pytest_html_extras(report.mllm_result)]
     return report
+
+
+def engine_data_summary(evaluator: Any) -> dict[str, Any]:
+    from .engine import data_summary
+
+    return data_summary(evaluator.plan)
 
 
 def junit_family(config: pytest.Config) -> str:
@@ -199,15 +232,27 @@ class ProbeReporter:
     """Collects the figures of every probe report (also those from xdist workers) for the
     JUnit suite properties and the terminal summary. Registered only when a model is given."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, settings: Any) -> None:
         self.config = config
+        self.settings = settings
         self.summaries: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, list[str]] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.data: dict[str, Any] | None = None
+        self.ran: dict[str, set[str]] = {}
+        self.written: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         figures = getattr(report, "mllm", None)
         if report.when != "call" or figures is None:
             return
+        label = figures["model"]
+        self.ran.setdefault(label, set()).add(figures["test"])
+        if getattr(report, "mllm_entry", None) is not None:
+            self.entries.setdefault(label, report.mllm_entry)
+            self.results.setdefault(label, report.mllm_result)
+            self.data = self.data or report.mllm_data
         summary = getattr(report, "mllm_model", None)
         if summary is not None and summary["label"] not in self.summaries:
             self.summaries[summary["label"]] = summary
@@ -218,6 +263,46 @@ class ProbeReporter:
         self.outcomes.setdefault(figures["model"], []).append(report.outcome)
         if junit_family(self.config) not in XUNIT_WITH_TESTCASE_PROPERTIES:
             _suite_property(self.config, f"mllmprobe:{report.nodeid}", json.dumps(figures, sort_keys=True))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Write baselines and reports once, in the controller (not in xdist workers)."""
+        if hasattr(self.config, "workerinput") or not self.entries:
+            return
+        from .baseline import load_baseline, merge, write_json_atomic
+
+        target = self.settings.save_baseline or (self.settings.baseline if self.settings.update_baseline else None)
+        if target:
+            from pathlib import Path
+
+            existing = load_baseline(target) if Path(target).is_file() else None
+            doc = merge(existing, {label: (entry, self.ran.get(label, set())) for label, entry in self.entries.items()})
+            write_json_atomic(target, doc)
+            self.written.append(f"baseline: {target} ({', '.join(sorted(self.entries))})")
+        if self.config.getoption("mllm_report") or self.config.getini("mllm_report"):
+            self._write_report(self.config.getoption("mllm_report") or self.config.getini("mllm_report"))
+
+    def _write_report(self, folder: str) -> None:
+        from .results import SCHEMA_VERSION
+
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "settings": self.settings.to_dict(),
+            "data": self.data,
+            "models": self.results,
+        }
+        try:
+            from .report import write_report
+        except ImportError:  # the report package is optional at this stage
+            from pathlib import Path
+
+            from .baseline import write_json_atomic
+
+            write_json_atomic(Path(folder) / "results.json", doc)
+            self.written.append(f"report: {folder}/results.json")
+            return
+        outcome = write_report(doc, folder)
+        self.written.append(f"report: {folder} ({', '.join(p.name for p in outcome.written)})")
+        self.written += [f"report: {w}" for w in outcome.warnings]
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.summaries:
@@ -235,3 +320,48 @@ class ProbeReporter:
             healthy = summary["first_failing_stage"] is None
             tr.write_line(f"  {summary['diagnosis']}", red=not healthy, green=healthy)
             tr.write_line(f"  {len(outcomes)} probe tests ran, {failed} failed")
+        skipped = (self.data or {}).get("skipped") or []
+        if skipped:
+            tr.write_line(f"mllmprobe skipped {len(skipped)} unreadable image(s):", yellow=True)
+            for image_id, reason in skipped[:20]:
+                tr.write_line(f"  {image_id}: {reason}")
+        for line in self.written:
+            tr.write_line(f"mllmprobe wrote {line}")
+
+
+@pytest.fixture(scope="session")
+def mllm_results(pytestconfig: pytest.Config) -> Any:
+    """The results per model label, for custom assertions in your own tests::
+
+        def test_connector_keeps_the_signal(mllm_results):
+            demo = mllm_results["demo"]
+            assert demo.loci["connector"].accuracy >= 0.9 * demo.loci["vision.2"].accuracy
+
+    Each model is evaluated once per session (shared with the generated tests).
+    """
+    evaluator = pytestconfig.stash.get(_Keys.evaluator, None)
+    if evaluator is None:
+        pytest.skip("no model to probe: pass --mllm-model (or set the mllm_model ini key)")
+    return ResultsView(evaluator)
+
+
+class ResultsView:
+    """Read-only mapping ``label -> ModelResult`` that evaluates on first access."""
+
+    def __init__(self, evaluator: Any) -> None:
+        self._evaluator = evaluator
+
+    def __getitem__(self, label: str) -> Any:
+        labels = self.labels()
+        if label not in labels:
+            raise KeyError(f"no model {label!r} in this run; models: {', '.join(labels)}")
+        return self._evaluator.result(label)
+
+    def __iter__(self) -> Any:
+        return iter(self.labels())
+
+    def __len__(self) -> int:
+        return len(self.labels())
+
+    def labels(self) -> list[str]:
+        return [m.spec.label for m in self._evaluator.plan.models]

@@ -34,6 +34,7 @@ class LocusResult:
     chance: dict[str, float]
     correct: np.ndarray = field(repr=False)
     finite: bool = True
+    fold_accuracy: list[float] | None = None
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -45,10 +46,11 @@ class LocusResult:
             "layer": self.layer,
             "readout": self.readout,
             "dim": self.dim,
-            "accuracy": self.accuracy,
-            "balanced_accuracy": self.balanced_accuracy,
-            "chance": dict(self.chance),
+            "accuracy": _num(self.accuracy),
+            "balanced_accuracy": _num(self.balanced_accuracy),
+            "chance": {k: _num(v) for k, v in self.chance.items()},
             "finite": self.finite,
+            "fold_accuracy": None if self.fold_accuracy is None else [_num(a) for a in self.fold_accuracy],
             "correct": [bool(c) for c in self.correct],
         }
 
@@ -64,17 +66,28 @@ class Check:
     passed: bool
     explanation: str
     source: str
+    reference: float | None = None
+    p_value: float | None = None
+    ci: tuple[float, float] | None = None
+    locus: str | None = None
 
     @property
     def delta(self) -> float:
+        """``value - reference`` for a comparison, else ``value - threshold``."""
+        if self.reference is not None:
+            return self.value - self.reference
         return self.value - self.threshold
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "rule": self.rule, "metric": self.metric, "value": _num(self.value),
             "threshold": _num(self.threshold), "delta": _num(self.delta), "passed": self.passed,
-            "explanation": self.explanation, "source": self.source,
+            "explanation": self.explanation, "source": self.source, "locus": self.locus,
         }
+        if self.reference is not None:
+            data.update(reference=_num(self.reference), p_value=_num(self.p_value),
+                        ci=[_num(x) for x in self.ci] if self.ci else None)
+        return data
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,7 @@ class ModelResult:
     verdicts: dict[str, Verdict]
     thresholds: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    comparison: dict[str, Any] | None = None
 
     @property
     def failing_stages(self) -> list[str]:
@@ -146,11 +160,21 @@ class ModelResult:
     def diagnosis(self) -> str:
         first = self.first_failing_stage
         if first is None:
-            return "all stages pass"
-        text = f"first failing stage: {first} ({FAILURE_MODES[first]})"
-        downstream = self.failing_stages[1:]
-        if downstream:
-            text += f"; downstream also failing: {', '.join(downstream)}"
+            text = "all stages pass"
+        else:
+            text = f"first failing stage: {first} ({FAILURE_MODES[first]})"
+            downstream = self.failing_stages[1:]
+            if downstream:
+                text += f"; downstream also failing: {', '.join(downstream)}"
+        if self.comparison is not None:
+            regressed = self.comparison["regressed_stages"]
+            against = self.comparison["against"]
+            if not regressed:
+                text += f"; no regression vs {against}"
+            else:
+                text += f"; root cause of the regression vs {against}: {regressed[0]}"
+                if regressed[1:]:
+                    text += f" (inherited downstream: {', '.join(regressed[1:])})"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,12 +188,14 @@ class ModelResult:
             "n_test": self.n_test,
             "scores": {k: _num(v) for k, v in self.scores.items()},
             "profile": self.profile,
+            "diagnosis": self.diagnosis,
             "first_failing_stage": self.first_failing_stage,
             "failure_mode": FAILURE_MODES.get(self.first_failing_stage or "", None),
             "loci": {k: v.to_dict() for k, v in self.loci.items()},
             "verdicts": {k: v.to_dict() for k, v in self.verdicts.items()},
             "thresholds": self.thresholds,
             "timings": dict(self.timings),
+            "comparison": self.comparison,
         }
 
 

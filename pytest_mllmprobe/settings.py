@@ -29,11 +29,18 @@ class Settings:
     batch_size: int = 8
     max_samples: int | None = None
     seed: int = 0
+    probe_seed: int = 0
     probe: str = "linear"
     test_size: float = 0.3
     trust_remote_code: bool = False
     metric: str | None = None
     stages: dict[str, str] = field(default_factory=dict)
+    baseline: str | None = None
+    save_baseline: str | None = None
+    update_baseline: bool = False
+    compare_to: str | None = None
+    folds: int | None = None
+    skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -48,6 +55,12 @@ class Settings:
             raise ConfigError(f"--mllm-probe {self.probe!r} is not one of {', '.join(PROBES)}")
         if self.metric is not None and self.metric not in METRICS:
             raise ConfigError(f"--mllm-metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.folds is not None and self.folds < 2:
+            raise ConfigError(f"--mllm-folds {self.folds} must be at least 2 (e.g. 5), or left out for one split")
+        if self.update_baseline and not (self.baseline or self.save_baseline):
+            raise ConfigError(
+                "--mllm-update-baseline needs the file to write: add --mllm-baseline PATH"
+            )
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ConfigError(f"--mllm-device {device!r} is not a device; use {DEVICE_HINT}")

@@ -50,3 +50,47 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 METRIC_FUNCTIONS = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy}
+
+
+def mcnemar_regression(reference: np.ndarray, current: np.ndarray) -> float:
+    """One-sided exact McNemar p-value that ``current`` is worse than ``reference``.
+
+    Pairs are the same test images; ``b`` counts images the reference got right and the current
+    model wrong, ``c`` the reverse. Under no difference ``b ~ Binomial(b + c, 1/2)``; the p-value
+    is ``P(X >= b)``.
+    """
+    reference = np.asarray(reference, dtype=bool)
+    current = np.asarray(current, dtype=bool)
+    if reference.shape != current.shape:
+        raise ValueError(f"paired arrays differ in length: {reference.shape} vs {current.shape}")
+    b = int(np.sum(reference & ~current))
+    c = int(np.sum(~reference & current))
+    n = b + c
+    if n == 0:
+        return 1.0
+    return float(sum(math.comb(n, i) for i in range(b, n + 1)) / 2.0**n)
+
+
+def paired_difference_interval(reference: np.ndarray, current: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """Wald 95% interval of ``mean(current) - mean(reference)`` over paired 0/1 outcomes."""
+    reference = np.asarray(reference, dtype=float)
+    current = np.asarray(current, dtype=float)
+    n = len(reference)
+    if n == 0:
+        return (-1.0, 1.0)
+    diff = current - reference
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=0) / math.sqrt(n))
+    return (max(-1.0, mean - z * se), min(1.0, mean + z * se))
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (monotone, capped at 1)."""
+    order = sorted(p_values, key=lambda k: p_values[k])
+    m = len(order)
+    adjusted: dict[str, float] = {}
+    running = 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[key]))
+        adjusted[key] = running
+    return adjusted

@@ -50,8 +50,10 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 }
 #: Keys whose value is a score (FHS can exceed 1): any finite number >= 0.
 UNBOUNDED_KEYS = ("min_fhs",)
-TOP_KEYS = ("version", "metric", "locus", "loci", "stages", "models")
-MODEL_KEYS = ("metric", "locus", "loci", "stages")
+#: Comparison with a baseline or a reference model (``--mllm-baseline``, ``--mllm-compare-to``).
+REGRESSION_KEYS = ("max_drop", "alpha")
+TOP_KEYS = ("version", "metric", "locus", "loci", "stages", "regression", "models")
+MODEL_KEYS = ("metric", "locus", "loci", "stages", "regression")
 #: First dot-separated part of every locus name (``vision.3``, ``llm.5.image``, ...).
 LOCUS_ROOTS = ("vision", "connector", "llm", "answer")
 
@@ -90,6 +92,8 @@ class Thresholds:
     stage_sources: dict[str, dict[str, str]] = field(default_factory=dict)
     model_sections: tuple[str, ...] = ()
     locus_sources: dict[str, str] = field(default_factory=dict)
+    regression: dict[str, float | None] = field(default_factory=dict)
+    regression_sources: dict[str, str] = field(default_factory=dict)
 
     def for_locus(self, locus: str) -> LocusRule:
         """The defaults, then every ``loci`` glob that matches ``locus``, in order."""
@@ -129,6 +133,8 @@ class Thresholds:
             "files": list(self.files),
             "model_sections": list(self.model_sections),
             "locus_sources": dict(self.locus_sources),
+            "regression": dict(self.regression),
+            "regression_sources": dict(self.regression_sources),
         }
 
 
@@ -165,6 +171,7 @@ class _Section:
     locus: dict[str, Value] = field(default_factory=dict)
     loci: tuple[tuple[str, dict[str, float | None], str], ...] = ()
     stages: dict[str, dict[str, Value]] = field(default_factory=dict)
+    regression: dict[str, Value] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -209,11 +216,13 @@ class ThresholdSet:
         metric: Value = ("accuracy", "built-in fallback")
         locus: dict[str, Value] = {k: (None, "built-in fallback") for k in LOCUS_KEYS}
         stages = {s: {k: (None, "built-in fallback") for k in keys} for s, keys in STAGE_KEYS.items()}
+        regression: dict[str, Value] = {k: (None, "built-in fallback") for k in REGRESSION_KEYS}
         loci: list[tuple[str, dict[str, float | None], str]] = []
         matching = self._matching(label, model_id)
         for section in [f.base for f in self._files] + [s for s, _ in matching]:
             metric = section.metric or metric
             locus.update(section.locus)
+            regression.update(section.regression)
             for stage, values in section.stages.items():
                 stages[stage].update(values)
             loci.extend(section.loci)
@@ -231,6 +240,8 @@ class ThresholdSet:
             stage_sources={s: {k: v[1] for k, v in values.items()} for s, values in stages.items()},
             model_sections=tuple(src for _, src in matching),
             locus_sources=locus_sources,
+            regression={k: v[0] for k, v in regression.items()},
+            regression_sources={k: v[1] for k, v in regression.items()},
         )
 
 
@@ -395,7 +406,20 @@ def _section(name: str, data: Mapping[str, Any], prefix: str) -> _Section:
             key: (_number(name, value, f"{path}.{key}", key in UNBOUNDED_KEYS), f"{name}: {path}.{key}")
             for key, value in entry.items()
         }
-    return _Section(metric, locus, tuple(loci), stages)
+    regression: dict[str, Value] = {}
+    if "regression" in data:
+        path = at("regression")
+        entry = _mapping(name, data["regression"], path)
+        _check_keys(name, entry, path, REGRESSION_KEYS)
+        for key, value in entry.items():
+            number = _number(name, value, f"{path}.{key}", False)
+            if key == "alpha" and number is not None and number <= 0:
+                raise ConfigError(
+                    f"{name}: {path}.alpha must be in (0, 1], got {_describe(value)}; "
+                    "e.g. 0.05 for a 5% false-alarm rate per model"
+                )
+            regression[key] = (number, f"{name}: {path}.{key}")
+    return _Section(metric, locus, tuple(loci), stages, regression)
 
 
 def _rule(name: str, data: Any, path: str) -> dict[str, float | None]:

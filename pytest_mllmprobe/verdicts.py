@@ -27,6 +27,12 @@ NON_FINITE = (
 )
 
 
+NON_FINITE_ANSWER = (
+    "the model's answer scores are NaN or infinite for some images: the activations overflow "
+    "(try --mllm-dtype float32) or the weights are corrupted; those answers count as wrong"
+)
+
+
 def llm_layers(loci: dict[str, LocusResult]) -> int:
     return len([n for n in loci if n.startswith("llm.") and n.endswith(".image")])
 
@@ -73,13 +79,14 @@ def _locus_checks(locus: LocusResult, thresholds: Any) -> list[Check]:
     if not locus.finite:
         checks.append(Check(
             rule="finite", metric=metric, value=value, threshold=float("nan"), passed=False,
-            explanation=NON_FINITE, source="always on",
+            explanation=NON_FINITE_ANSWER if locus.name == "answer" else NON_FINITE,
+            source="always on", locus=locus.name,
         ))
     if rule.min_above_chance is not None:
         needed = chance + rule.min_above_chance * (1 - chance)
         checks.append(Check(
             rule="min_above_chance", metric=metric, value=value, threshold=needed,
-            passed=value >= needed,
+            passed=value >= needed, locus=locus.name,
             explanation=(
                 f"{metric} >= chance + {rule.min_above_chance:g} x (1 - chance) "
                 f"= {chance:.3f} + {rule.min_above_chance:g} x {1 - chance:.3f}"
@@ -90,6 +97,7 @@ def _locus_checks(locus: LocusResult, thresholds: Any) -> list[Check]:
         checks.append(Check(
             rule="floor", metric=metric, value=value, threshold=rule.floor,
             passed=value >= rule.floor, explanation=f"{metric} >= {rule.floor:g}", source=rule.source,
+            locus=locus.name,
         ))
     return checks
 
@@ -103,13 +111,14 @@ def _stage_locus(stage: str, loci: dict[str, LocusResult], consumed: tuple[int, 
 
 
 def _ratio_check(rule: str, metric: str, value: float, ratio: float | None, reference: float,
-                 what: str, ref_what: str, source: str) -> list[Check]:
+                 what: str, ref_what: str, source: str, locus: str) -> list[Check]:
     if ratio is None:
         return []
     needed = ratio * reference
     return [Check(
         rule=rule, metric=metric, value=value, threshold=needed, passed=value >= needed,
         explanation=f"{what} >= {ratio:g} x {ref_what} = {ratio:g} x {reference:.3f}", source=source,
+        locus=locus,
     )]
 
 
@@ -127,7 +136,7 @@ def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consum
         checks["vision"].append(Check(
             rule="min_fhs", metric="FHS_V", value=scores["FHS_V"], threshold=min_fhs,
             passed=scores["FHS_V"] >= min_fhs, explanation=f"FHS_V >= {min_fhs:g}",
-            source=src("vision", "min_fhs"),
+            source=src("vision", "min_fhs"), locus=f"vision.{max(consumed)}",
         ))
     end_min = thresholds.stage("vision", "min_end_above_chance")
     if end_min is not None:
@@ -140,26 +149,27 @@ def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consum
                 f"P(vision.{fed}, the layer the connector reads) >= chance + {end_min:g} x "
                 f"(1 - chance) = {chance:.3f} + {end_min:g} x {1 - chance:.3f}"
             ),
-            source=src("vision", "min_end_above_chance"),
+            source=src("vision", "min_end_above_chance"), locus=f"vision.{fed}",
         ))
     checks["connector"] += _ratio_check(
         "min_keep", metric, p_c, thresholds.stage("connector", "min_keep"), fed_value,
-        "P(connector)", f"P(vision.{fed})", src("connector", "min_keep"),
+        "P(connector)", f"P(vision.{fed})", src("connector", "min_keep"), "connector",
     )
     checks["llm"] += _ratio_check(
         "min_keep", metric, loci["llm.0.image"].metric(metric), thresholds.stage("llm", "min_keep"),
-        p_c, "P(llm.0.image)", "P(connector)", src("llm", "min_keep"),
+        p_c, "P(llm.0.image)", "P(connector)", src("llm", "min_keep"), "llm.0.image",
     )
     fhs_ratio = thresholds.stage("llm", "min_fhs_ratio")
     if fhs_ratio is not None:
         checks["llm"] += _ratio_check(
             "min_fhs_ratio", "FHS_L", scores["FHS_L"], fhs_ratio, p_c,
             "FHS_L (image readout)", "P(connector)", src("llm", "min_fhs_ratio"),
+            f"llm.{n_llm - 1}.image",
         )
     last = loci[f"llm.{n_llm - 1}.last"].metric(metric)
     checks["answer"] += _ratio_check(
         "min_keep", metric, scores["P_final"], thresholds.stage("answer", "min_keep"), last,
-        "P_final", f"P(llm.{n_llm - 1}.last)", src("answer", "min_keep"),
+        "P_final", f"P(llm.{n_llm - 1}.last)", src("answer", "min_keep"), "answer",
     )
     return checks
 

@@ -1,0 +1,229 @@
+"""Baselines: a model's measured loci saved as JSON, checked for compatibility, merged, compared.
+
+A baseline entry holds, per model: every locus's metrics and per-image correctness on the test
+split (for paired tests), the stage scores, the test-split ids and a data fingerprint, the
+extraction and probe settings, and package versions. Files are JSON, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .results import Check, ModelResult, Verdict
+from .stats import holm, mcnemar_regression, paired_difference_interval
+
+FORMAT = "pytest-mllmprobe-baseline"
+VERSION = 1
+SAVE_HINT = "create it with --mllm-save-baseline PATH (or --mllm-update-baseline)"
+#: Stage test -> (stage score, the locus whose paired outcomes test it).
+STAGE_FIGURES = {"vision": "FHS_V", "connector": "FHS_C", "llm": "FHS_L", "answer": "P_final"}
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in ("pytest-mllmprobe", "torch", "transformers", "scikit-learn", "numpy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def entry_from_result(result: ModelResult, data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The baseline entry of one model (also the reference of a same-job comparison)."""
+    return {
+        "source": result.source,
+        "family": result.stage_map["family"],
+        "loci_names": list(result.loci),
+        "metric": result.metric,
+        "class_names": list(result.class_names),
+        "data": {"fingerprint": data["fingerprint"], "test_ids": list(data["test_ids"])},
+        "settings": {k: settings[k] for k in ("probe", "test_size", "seed", "max_samples", "dtype", "batch_size") if k in settings},
+        "loci": {
+            name: {
+                "accuracy": locus.accuracy,
+                "balanced_accuracy": locus.balanced_accuracy,
+                "correct": [int(c) for c in locus.correct],
+            }
+            for name, locus in result.loci.items()
+        },
+        "scores": {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in result.scores.items()},
+    }
+
+
+def load_baseline(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a baseline file; a missing or foreign file is a ConfigError saying how to make one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--mllm-baseline {str(path)!r} does not exist; {SAVE_HINT}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"--mllm-baseline {str(path)!r} is not a readable JSON baseline ({exc}); re-create it "
+            "with --mllm-update-baseline"
+        ) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise ConfigError(
+            f"--mllm-baseline {str(path)!r} is not a pytest-mllmprobe baseline (version {VERSION}); "
+            "re-create it with --mllm-update-baseline"
+        )
+    return doc
+
+
+def check_compatible(entry: dict[str, Any] | None, label: str, path: str, *, fingerprint: str,
+                     test_ids: list[str], loci: tuple[str, ...], class_names: list[str]) -> None:
+    """Raise ConfigError when a baseline entry was measured on other data, split or architecture."""
+    fix = "re-create it with --mllm-update-baseline if this change is intended"
+    if entry is None:
+        raise ConfigError(f"--mllm-baseline {path!r} has no entry for model {label!r}; add it with --mllm-update-baseline")
+    if entry["class_names"] != class_names or entry["data"]["fingerprint"] != fingerprint:
+        raise ConfigError(
+            f"--mllm-baseline {path!r}: model {label!r} was measured on another dataset (data "
+            f"fingerprint {entry['data']['fingerprint']} with classes {entry['class_names']}, now "
+            f"{fingerprint} with {class_names}); {fix}"
+        )
+    if entry["data"]["test_ids"] != test_ids:
+        raise ConfigError(
+            f"--mllm-baseline {path!r}: model {label!r} was measured on another train/test split "
+            f"(check --mllm-seed, --mllm-test-size and --mllm-max-samples against the baseline's "
+            f"{entry['settings']}); {fix}"
+        )
+    if list(entry["loci_names"]) != list(loci):
+        raise ConfigError(
+            f"--mllm-baseline {path!r}: model {label!r} has another architecture "
+            f"({len(entry['loci_names'])} loci in the baseline, {len(loci)} now); {fix}"
+        )
+
+
+def merge(existing: dict[str, Any] | None, entries: dict[str, tuple[dict[str, Any], set[str]]]) -> dict[str, Any]:
+    """Update a baseline with the tests that ran; every other model and locus is kept.
+
+    ``entries`` maps a model label to (its new entry, the names of the tests that ran). A model
+    whose data, split or architecture changed is replaced whole.
+    """
+    models = dict((existing or {}).get("models", {}))
+    for label, (entry, ran) in entries.items():
+        old = models.get(label)
+        same = old is not None and old["data"] == entry["data"] and old["loci_names"] == entry["loci_names"]
+        if not same or not ran:
+            models[label] = entry
+            continue
+        merged = json.loads(json.dumps(old))
+        for name in entry["loci"]:
+            if name in ran:
+                merged["loci"][name] = entry["loci"][name]
+        for stage, figure in STAGE_FIGURES.items():
+            if f"stage.{stage}" in ran:
+                merged["scores"][figure] = entry["scores"][figure]
+        merged["settings"] = entry["settings"]
+        models[label] = merged
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "models": models,
+    }
+
+
+def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(doc, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class Comparison:
+    test: str
+    figure: str
+    value: float
+    reference: float
+    p_value: float
+    ci: tuple[float, float]
+
+    @property
+    def drop(self) -> float:
+        return self.reference - self.value
+
+
+def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, what: str) -> dict[str, Verdict]:
+    """Verdicts of ``result`` with a ``no_regression`` check added against ``reference``.
+
+    A test regresses when its figure drops by more than ``regression.max_drop`` AND the paired
+    exact McNemar test on the test images is significant (``regression.alpha``, Holm-corrected
+    over all tests of the model). Stage tests compare the stage score (FHS or ``P_final``),
+    tested on the paired outcomes of the stage's last locus.
+    """
+    metric = result.metric
+    comparisons: dict[str, Comparison] = {}
+    for name, verdict in result.verdicts.items():
+        if name.startswith("stage."):
+            stage = name.split(".", 1)[1]
+            figure = STAGE_FIGURES[stage]
+            value, ref = result.scores[figure], reference["scores"].get(figure)
+        else:
+            figure = metric
+            value, ref = result.loci[name].metric(metric), reference["loci"][name][metric]
+        locus = verdict.locus
+        ours = result.loci[locus].correct
+        theirs = np.asarray(reference["loci"][locus]["correct"], dtype=bool)
+        if ref is None or value is None or not np.isfinite(value):
+            ref = ref if ref is not None else float("nan")
+        comparisons[name] = Comparison(
+            test=name, figure=figure, value=float(value), reference=float(ref),
+            p_value=mcnemar_regression(theirs, ours), ci=paired_difference_interval(theirs, ours),
+        )
+    adjusted = holm({k: c.p_value for k, c in comparisons.items()})
+    max_drop = thresholds.regression.get("max_drop")
+    alpha = thresholds.regression.get("alpha")
+    sources = thresholds.regression_sources
+    verdicts: dict[str, Verdict] = {}
+    for name, verdict in result.verdicts.items():
+        c = comparisons[name]
+        p = adjusted[name]
+        big = c.drop > (max_drop or 0.0) if np.isfinite(c.drop) else not np.isfinite(c.value)
+        significant = alpha is None or p < alpha
+        check = Check(
+            rule="no_regression", metric=c.figure, value=c.value,
+            threshold=c.reference - (max_drop or 0.0), passed=not (big and significant),
+            explanation=(
+                f"vs {what}: {c.figure} {c.value:.3f} vs {c.reference:.3f} (delta {-c.drop:+.3f}, "
+                f"95% CI of the paired accuracy difference [{c.ci[0]:+.3f}, {c.ci[1]:+.3f}], "
+                f"McNemar p = {c.p_value:.3g}, Holm p = {p:.3g}); regresses when the drop > "
+                f"{max_drop if max_drop is not None else 0:g} and Holm p < {alpha if alpha is not None else 'any'}"
+            ),
+            source=f"{sources.get('max_drop', '')}; {sources.get('alpha', '')}",
+            reference=c.reference, p_value=p, ci=c.ci, locus=verdict.locus,
+        )
+        verdicts[name] = Verdict(verdict.test, verdict.stage, verdict.locus, verdict.checks + (check,))
+    return verdicts
+
+
+def regressed_stages(verdicts: dict[str, Verdict]) -> list[str]:
+    """Stages with a failing ``no_regression`` check, in pipeline order."""
+    from .health import STAGE_ORDER
+
+    hit = {v.stage for v in verdicts.values() for c in v.checks if c.rule == "no_regression" and not c.passed}
+    return [s for s in STAGE_ORDER if s in hit]

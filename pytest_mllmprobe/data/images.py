@@ -1,0 +1,213 @@
+"""Reading one image, whatever its mode, as the 8-bit RGB picture a model's processor expects.
+
+Conversion rules (also in ``docs/data.md``):
+
+* 8-bit modes (``L``, ``RGB``, ``RGBA``, ``P``, ``1`` ...) are converted by Pillow; alpha is dropped.
+* Integer images wider than 8 bits (16-bit PNG/TIFF ``I;16``, 32-bit ``I``, numpy ``uint16``,
+  ``int16``, ``int32`` ...) are **min-max scaled per image** to 0..255: the darkest pixel becomes
+  0, the brightest 255, linearly in between. Nothing is clipped and nothing wraps; the price is
+  that absolute intensities are not comparable between images (use DICOM windowing for that).
+* Float images (``F``, numpy ``float*``): values already within [0, 1] are taken as the usual
+  0..1 intensity scale and multiplied by 255; any other range is min-max scaled like 16-bit.
+  NaN and inf are set to the lowest finite value.
+* DICOM: see :mod:`pytest_mllmprobe.data.dicom` (rescale slope/intercept, then the file's own
+  window, else min-max; ``MONOCHROME1`` inverted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+SKIP_HINT = "--mllm-skip-bad-images (skip_bad_images=True in Python)"
+
+_DICOM_MAGIC_OFFSET = 128
+
+
+def is_dicom(path: str | Path) -> bool:
+    """A ``.dcm``/``.dicom`` file, or any file with the ``DICM`` marker after its 128-byte preamble."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return False
+    return head[_DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether a file in a data folder is a sample (an image or a DICOM file)."""
+    if path.name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+        return True
+    return suffix == "" and is_dicom(path)
+
+
+def scale_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale a wide-range array to ``uint8`` by the module's rules (float 0..1 x255, else min-max)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    values = _finite(array.astype(np.float64))
+    if np.issubdtype(array.dtype, np.floating) and values.min() >= 0.0 and values.max() <= 1.0:
+        return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+    return minmax_to_uint8(values)
+
+
+def minmax_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Linear map of the image's own minimum..maximum to 0..255 (a constant image is black)."""
+    values = _finite(np.asarray(array, dtype=np.float64))
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) / (high - low) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    if finite.all():
+        return values
+    fill = values[finite].min() if finite.any() else 0.0
+    return np.where(finite, values, fill)
+
+
+def array_problem(array: Any) -> str | None:
+    """Why ``array`` cannot be an image, or ``None`` when it can."""
+    try:
+        array = np.asarray(array)
+    except Exception as exc:  # noqa: BLE001 - any object a user function returns
+        return f"not an array ({type(exc).__name__}: {exc})"
+    if array.dtype.kind not in "biuf":
+        return f"dtype {array.dtype} is not numeric"
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+        if 0 in array.shape:
+            return f"empty image of shape {array.shape}"
+        return None
+    return (
+        f"shape {array.shape} is not an image; expected (H, W), (H, W, C) or (C, H, W) "
+        "with C in 1, 3, 4"
+    )
+
+
+def to_rgb(image: Any):
+    """A PIL image or numpy array as an RGB PIL image (see the module docstring for the rules)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        if image.mode in WIDE_MODES:
+            return Image.fromarray(scale_to_uint8(np.asarray(image)), mode="L").convert("RGB")
+        if image.mode == "RGB":
+            return image
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+    problem = array_problem(image)
+    if problem:
+        raise ValueError(problem)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    array = np.ascontiguousarray(scale_to_uint8(array))
+    if array.ndim == 2:
+        return Image.fromarray(array, mode="L").convert("RGB")
+    return Image.fromarray(array, mode="RGB")
+
+
+def load_image(path: str | Path):
+    """Open an image file (any Pillow format, or DICOM) as RGB; :class:`ConfigError` if unreadable."""
+    from PIL import Image
+
+    if is_dicom(path):
+        from .dicom import read_dicom
+
+        return read_dicom(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConfigError(
+            f"cannot read image {str(path)!r}: {exc}; remove or replace the file, or skip "
+            f"unreadable images with {SKIP_HINT}"
+        ) from exc
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why the image file at ``path`` is unreadable, or ``None``: a cheap check made at load time.
+
+    Pillow formats are opened and run through the format's own integrity check (``verify``:
+    PNG chunk CRCs and truncation, for example); DICOM files are parsed without decoding pixels.
+    """
+    from PIL import Image
+
+    if is_dicom(path):
+        from .dicom import dicom_problem
+
+        return dicom_problem(path)
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def file_hash(path: str | Path) -> str:
+    """Hash of a file's bytes: equal for byte-identical copies."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def quick_file_hash(path: str | Path, chunk: int = 8192) -> str:
+    """Size plus the first and last ``chunk`` bytes: cheap, and changes when a file is replaced."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(chunk))
+        if size > chunk:
+            handle.seek(max(chunk, size - chunk))
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()
+
+
+def memory_hash(image: Any) -> str:
+    """Hash of an in-memory image's pixels, shape and dtype/mode."""
+    from PIL import Image
+
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(image, Image.Image):
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    else:
+        array = np.ascontiguousarray(image)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
