@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .results import Check, ModelResult, Verdict
-from .stats import holm, mcnemar_regression, paired_difference_interval
+from .stats import METRICS, holm, mcnemar_regression, paired_difference_interval
 
 FORMAT = "pytest-mllmprobe-baseline"
 VERSION = 1
@@ -52,14 +52,17 @@ def entry_from_result(result: ModelResult, data: dict[str, Any], settings: dict[
         "settings": {k: settings[k] for k in ("probe", "test_size", "seed", "max_samples", "dtype", "batch_size") if k in settings},
         "loci": {
             name: {
-                "accuracy": locus.accuracy,
-                "balanced_accuracy": locus.balanced_accuracy,
+                **{m: _finite_or_none(locus.metric(m)) for m in METRICS},
                 "correct": [int(c) for c in locus.correct],
             }
             for name, locus in result.loci.items()
         },
         "scores": {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in result.scores.items()},
     }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def load_baseline(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -185,7 +188,7 @@ def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, wha
             value, ref = result.scores[figure], reference["scores"].get(figure)
         else:
             figure = metric
-            value, ref = result.loci[name].metric(metric), reference["loci"][name][metric]
+            value, ref = result.loci[name].metric(metric), reference["loci"][name].get(metric)
         locus = verdict.locus
         ours = result.loci[locus].correct
         theirs = np.asarray(reference["loci"][locus]["correct"], dtype=bool)

@@ -20,7 +20,7 @@ from .models import ModelSpec, StageMap, detect_stages, load_model, load_structu
 from .prompts import DEFAULT_QUESTION, build_prompt
 from .results import LocusResult, ModelResult, Results, stage_of
 from .settings import Settings
-from .stats import chance_level
+from .stats import METRICS, chance_level
 
 Progress = Callable[[str, int, int], None]
 
@@ -151,7 +151,7 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
 
     y_test = labels[test]
     k = len(class_names)
-    chance = {m: chance_level(m, y_test, k) for m in ("accuracy", "balanced_accuracy")}
+    chance = {m: chance_level(m, y_test, k) for m in METRICS}
     loci: dict[str, LocusResult] = {}
     for name in stage_map.loci:
         if name == "answer":
@@ -159,7 +159,8 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
             ok = np.isfinite(answer_scores).all(axis=1)
             # A NaN/inf answer is no answer: counted wrong.
             said = np.where(ok, np.nan_to_num(answer_scores).argmax(axis=1), -1)
-            loci[name] = _locus(name, k, score(y_test, said), chance, finite=bool(ok.all()))
+            proba = np.where(ok[:, None], _softmax_rows(np.nan_to_num(answer_scores)), 0.0)
+            loci[name] = _locus(name, k, score(y_test, proba, said), chance, finite=bool(ok.all()))
         else:
             pooled, per_fold, finite = probed[name]
             loci[name] = _locus(name, features.loci[name].shape[1], pooled, chance, finite=finite,
@@ -192,26 +193,33 @@ def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any,
     """
     from .probes import fit_probes, majority_score, score
 
+    k = int(labels.max()) + 1
     finite = {name: bool(np.isfinite(X).all()) for name, X in features.items()}
     usable = {name: X for name, X in features.items() if finite[name]}
     position = {int(i): n for n, i in enumerate(test)}
-    correct = {name: np.zeros(len(test), dtype=bool) for name in features}
+    predicted = {name: np.full(len(test), -1) for name in features}
+    proba = {name: np.zeros((len(test), k)) for name in features}
     per_fold: dict[str, list[float]] = {name: [] for name in features}
     for train, fold_test in folds:
         scores = fit_probes(usable, labels, train, fold_test, kind=settings.probe, seed=settings.probe_seed)
         where = [position[int(i)] for i in fold_test]
         for name in features:
-            fold_score = scores[name] if finite[name] else majority_score(labels[train], labels[fold_test])
-            correct[name][where] = fold_score.correct
+            fold_score = scores[name] if finite[name] else majority_score(labels[train], labels[fold_test], k)
+            predicted[name][where] = fold_score.predicted
+            proba[name][where] = fold_score.probabilities
             per_fold[name].append(fold_score.accuracy)
     y_test = labels[test]
-    result = {}
-    for name in features:
-        # predictions are not kept, only correctness: rebuild a prediction with the same outcome
-        predicted = np.where(correct[name], y_test, -1)
-        pooled = score(y_test, predicted)
-        result[name] = (pooled, per_fold[name] if len(folds) > 1 else None, finite[name])
-    return result
+    return {
+        name: (score(y_test, proba[name], predicted[name]),
+               per_fold[name] if len(folds) > 1 else None, finite[name])
+        for name in features
+    }
+
+
+def _softmax_rows(values: np.ndarray) -> np.ndarray:
+    shifted = values - values.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _locus(name: str, dim: int, probe_score: Any, chance: dict[str, float], finite: bool = True,
@@ -222,6 +230,7 @@ def _locus(name: str, dim: int, probe_score: Any, chance: dict[str, float], fini
     return LocusResult(
         name=name, stage=stage_of(name), layer=layer, readout=readout, dim=int(dim),
         accuracy=probe_score.accuracy, balanced_accuracy=probe_score.balanced_accuracy,
+        macro_f1=probe_score.macro_f1, auroc=probe_score.auroc,
         chance=dict(chance), correct=probe_score.correct, finite=finite, fold_accuracy=fold_accuracy,
     )
 

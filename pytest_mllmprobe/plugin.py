@@ -46,7 +46,7 @@ OPTIONS = (
     Option("--mllm-probe-seed", "mllm_probe_seed", 0, "seed of MLP probe initialisation and shuffling; does not change the split (default: 0)", "int"),
     Option("--mllm-probe", "mllm_probe", "linear", "probe: linear (softmax regression) or mlp (the paper's 2-layer MLP) (default: linear)", choices=("linear", "mlp")),
     Option("--mllm-test-size", "mllm_test_size", 0.3, "fraction of images held out to score probes and the answer (default: 0.3)", "float"),
-    Option("--mllm-metric", "mllm_metric", None, "metric every rule uses, overriding the threshold files: accuracy or balanced_accuracy (default: from the threshold files, shipped: accuracy)", choices=("accuracy", "balanced_accuracy")),
+    Option("--mllm-metric", "mllm_metric", None, "metric every rule uses, overriding the threshold files: accuracy, balanced_accuracy, macro_f1 or auroc (default: from the threshold files, shipped: accuracy)", choices=("accuracy", "balanced_accuracy", "macro_f1", "auroc")),
     Option("--mllm-stages", "mllm_stages", None, "override stage detection: vision=PATH,connector=PATH,llm=PATH (module paths; default: detected)"),
     Option("--mllm-trust-remote-code", "mllm_trust_remote_code", False, "allow models that run their own code from the model folder or hub (default: off)", "bool"),
     Option("--mllm-baseline", "mllm_baseline", None, "compare every test with this baseline JSON; a significant regression fails (default: no comparison)"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stats import accuracy, balanced_accuracy
+from .stats import accuracy, auroc, balanced_accuracy, macro_f1
 
 PROBES = ("linear", "mlp")
 
@@ -66,6 +66,11 @@ class LinearProbe:
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = _check_X(X, self.n_features_in_, "LinearProbe")
         return self.model_.predict(self.scaler_.transform(X))
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities, columns in ``classes_`` order."""
+        X = _check_X(X, self.n_features_in_, "LinearProbe")
+        return self.model_.predict_proba(self.scaler_.transform(X))
 
 
 class MLPProbe:
@@ -161,28 +166,67 @@ def _mlp_logits(params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ProbeScore:
-    """A probe's scores on the test split, with its per-sample correctness."""
+    """A probe's outcome on the test split: metrics, per-sample predictions and class scores.
+
+    ``probabilities`` is ``[n_test, K]`` (columns in class-index order), used for AUROC.
+    """
 
     accuracy: float
     balanced_accuracy: float
+    macro_f1: float
+    auroc: float
     correct: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
 
 
-def score(y_true: np.ndarray, y_pred: np.ndarray) -> ProbeScore:
+def score(y_true: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray | None = None) -> ProbeScore:
+    """Score class probabilities ``[n, K]``; ``predicted`` defaults to their argmax (-1: no answer)."""
+    y_true = np.asarray(y_true)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if predicted is None:
+        predicted = probabilities.argmax(axis=1)
+    predicted = np.asarray(predicted)
+    k = probabilities.shape[1]
     return ProbeScore(
-        accuracy=accuracy(y_true, y_pred),
-        balanced_accuracy=balanced_accuracy(y_true, y_pred),
-        correct=np.asarray(y_true) == np.asarray(y_pred),
+        accuracy=accuracy(y_true, predicted),
+        balanced_accuracy=balanced_accuracy(y_true, predicted),
+        macro_f1=macro_f1(y_true, predicted, k),
+        auroc=auroc(y_true, probabilities),
+        correct=y_true == predicted,
+        predicted=predicted,
+        probabilities=probabilities,
     )
 
 
-def majority_score(y_train: np.ndarray, y_test: np.ndarray) -> ProbeScore:
+def one_hot(predicted: np.ndarray, k: int) -> np.ndarray:
+    """Probabilities that put all mass on ``predicted`` (a row of -1 gets none)."""
+    out = np.zeros((len(predicted), k))
+    rows = np.flatnonzero(np.asarray(predicted) >= 0)
+    out[rows, np.asarray(predicted)[rows]] = 1.0
+    return out
+
+
+def majority_score(y_train: np.ndarray, y_test: np.ndarray, k: int) -> ProbeScore:
     """The score of always answering the most frequent training class."""
-    majority = np.bincount(np.asarray(y_train)).argmax()
-    return score(y_test, np.full(len(y_test), majority))
+    majority = np.bincount(np.asarray(y_train), minlength=k).argmax()
+    return score(y_test, one_hot(np.full(len(y_test), majority), k))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _full_columns(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+    """Spread probabilities over the train classes into all ``k`` class columns."""
+    out = np.zeros((proba.shape[0], k))
+    out[:, classes] = proba
+    return out
 
 
 def fit_probes(
@@ -198,11 +242,13 @@ def fit_probes(
     if kind not in PROBES:
         raise ValueError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
     y_train, y_test = labels[train], labels[test]
+    k = int(labels.max()) + 1
     results: dict[str, ProbeScore] = {}
     if kind == "linear":
         for name, X in features.items():
             probe = LinearProbe().fit(X[train], y_train)
-            results[name] = score(y_test, probe.predict(X[test]))
+            proba = probe.predict_proba(X[test])
+            results[name] = score(y_test, _full_columns(proba, probe.classes_, k))
         return results
     # MLP: one batched network per feature width.
     by_width: dict[int, list[str]] = {}
@@ -216,7 +262,7 @@ def fit_probes(
         x_train = np.stack([s.transform(features[n][train]) for s, n in zip(scalers, names)])
         x_test = np.stack([s.transform(features[n][test]) for s, n in zip(scalers, names)])
         params = _train_mlps(x_train.astype(np.float32), codes, len(classes), cfg)
-        predictions = classes[_mlp_logits(params, x_test.astype(np.float32)).argmax(axis=2)]
-        for name, pred in zip(names, predictions):
-            results[name] = score(y_test, pred)
+        probabilities = _softmax(_mlp_logits(params, x_test.astype(np.float32)))
+        for name, proba in zip(names, probabilities):
+            results[name] = score(y_test, _full_columns(proba, classes, k))
     return results

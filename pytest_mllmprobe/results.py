@@ -33,6 +33,8 @@ class LocusResult:
     balanced_accuracy: float
     chance: dict[str, float]
     correct: np.ndarray = field(repr=False)
+    macro_f1: float = float("nan")
+    auroc: float = float("nan")
     finite: bool = True
     fold_accuracy: list[float] | None = None
 
@@ -48,6 +50,8 @@ class LocusResult:
             "dim": self.dim,
             "accuracy": _num(self.accuracy),
             "balanced_accuracy": _num(self.balanced_accuracy),
+            "macro_f1": _num(self.macro_f1),
+            "auroc": _num(self.auroc),
             "chance": {k: _num(v) for k, v in self.chance.items()},
             "finite": self.finite,
             "fold_accuracy": None if self.fold_accuracy is None else [_num(a) for a in self.fold_accuracy],

@@ -10,7 +10,7 @@ from .errors import ConfigError
 DEVICE_HINT = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROBES = ("linear", "mlp")
-METRICS = ("accuracy", "balanced_accuracy")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
 @dataclass(frozen=True)

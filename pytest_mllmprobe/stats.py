@@ -20,14 +20,53 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in ``y_true`` or ``y_pred``."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    scores = []
+    for c in range(n_classes):
+        tp = float(np.sum((y_pred == c) & (y_true == c)))
+        fp = float(np.sum((y_pred == c) & (y_true != c)))
+        fn = float(np.sum((y_pred != c) & (y_true == c)))
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def auroc(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC (binary: the AUC of class 1), ties counted half."""
+    y_true = np.asarray(y_true)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    k = probabilities.shape[1]
+    classes = [1] if k == 2 else range(k)
+    values = []
+    for c in classes:
+        positive = probabilities[y_true == c, c]
+        negative = probabilities[y_true != c, c]
+        if len(positive) == 0 or len(negative) == 0:
+            continue
+        greater = (positive[:, None] > negative[None, :]).sum()
+        ties = (positive[:, None] == negative[None, :]).sum()
+        values.append((greater + 0.5 * ties) / (len(positive) * len(negative)))
+    return float(np.mean(values)) if values else float("nan")
+
+
 def chance_level(metric: str, y_test: np.ndarray, n_classes: int) -> float:
     """The score of the best constant guess.
 
-    ``accuracy``: the majority-class rate of the test split; ``balanced_accuracy``: ``1 / K``.
+    ``accuracy``: the majority-class rate of the test split; ``balanced_accuracy``: ``1 / K``;
+    ``macro_f1``: always answering the majority class; ``auroc``: 0.5.
     """
     if metric == "balanced_accuracy":
         return 1.0 / n_classes
+    if metric == "auroc":
+        return 0.5
     counts = np.bincount(np.asarray(y_test), minlength=n_classes)
+    if metric == "macro_f1":
+        p = counts.max() / counts.sum()
+        return float((2 * p / (1 + p)) / int((counts > 0).sum()))
     return float(counts.max() / counts.sum())
 
 
@@ -49,7 +88,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-METRIC_FUNCTIONS = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy}
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
 def mcnemar_regression(reference: np.ndarray, current: np.ndarray) -> float:

@@ -39,7 +39,7 @@ except ImportError:  # Python 3.10
 from .errors import ConfigError, close_matches
 
 VERSION = 1
-METRICS = ("accuracy", "balanced_accuracy")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 STAGES = ("vision", "connector", "llm", "answer")
 LOCUS_KEYS = ("min_above_chance", "floor")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {

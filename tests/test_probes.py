@@ -87,7 +87,7 @@ def test_linear_and_mlp_agree_on_planted_signal() -> None:
 def test_majority_score_is_the_chance_level_of_accuracy() -> None:
     y_train = np.array([0, 0, 0, 1, 2])
     y_test = np.array([0, 0, 1, 2])
-    assert majority_score(y_train, y_test).accuracy == 0.5
+    assert majority_score(y_train, y_test, 3).accuracy == 0.5
     assert chance_level("accuracy", y_test, 3) == 0.5
     assert chance_level("balanced_accuracy", y_test, 3) == pytest.approx(1 / 3)
 
