@@ -83,3 +83,62 @@ def scores_by_continuation(
         picked = logp.gather(-1, cont.unsqueeze(-1)).squeeze(-1)
         columns.append(picked.mean(dim=1))
     return torch.stack(columns, dim=1)
+
+
+GENERATION_TOKENS = 16
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation and underscores to spaces, whitespace collapsed."""
+    import re
+
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def parse_answer(text: str, class_names: list[str]) -> int:
+    """Index of the class name that occurs first in ``text`` (normalised, whole words); -1 if none.
+
+    When names overlap at the same position (``mass`` and ``mass lesion``) the longer one wins.
+    """
+    words = f" {normalise(text)} "
+    best: tuple[int, int, int] | None = None  # (position, -length, index)
+    for index, name in enumerate(class_names):
+        needle = f" {normalise(name)} "
+        if needle.strip() == "":
+            continue
+        position = words.find(needle)
+        if position >= 0:
+            key = (position, -len(needle), index)
+            best = key if best is None or key < best else best
+    return -1 if best is None else best[2]
+
+
+def generate_answers(
+    model: Any,
+    processor: Any,
+    images: Any,
+    prompts: list[str],
+    *,
+    batch_size: int,
+    device: Any,
+    dtype: Any,
+    max_new_tokens: int = GENERATION_TOKENS,
+) -> list[str]:
+    """Greedy generation after each prompt (left padding); the decoded new text per image."""
+    import torch
+
+    from .extract import prepare_inputs
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        index = list(range(start, min(start + batch_size, len(prompts))))
+        inputs = prepare_inputs(processor, images(index), [prompts[i] for i in index], device, dtype)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=getattr(tokenizer, "pad_token_id", None),
+            )
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return texts

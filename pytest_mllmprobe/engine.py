@@ -139,6 +139,18 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
         progress=(lambda done, total: progress(model_plan.spec.label, done, total)) if progress else None,
     )
     timings["extract_s"] = time.perf_counter() - start
+    generated: list[str] | None = None
+    if settings.answer == "generate":
+        from .answer import generate_answers
+
+        start = time.perf_counter()
+        test_index = [int(i) for i in the_plan.test]
+        generated = generate_answers(
+            loaded.model, loaded.processor, lambda index: [dataset.image(test_index[i]) for i in index],
+            [prompt] * len(test_index), batch_size=settings.batch_size,
+            device=loaded.device, dtype=loaded.dtype,
+        )
+        timings["generate_s"] = time.perf_counter() - start
     del loaded
 
     start = time.perf_counter()
@@ -160,7 +172,24 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
             # A NaN/inf answer is no answer: counted wrong.
             said = np.where(ok, np.nan_to_num(answer_scores).argmax(axis=1), -1)
             proba = np.where(ok[:, None], _softmax_rows(np.nan_to_num(answer_scores)), 0.0)
-            loci[name] = _locus(name, k, score(y_test, proba, said), chance, finite=bool(ok.all()))
+            likelihood = score(y_test, proba, said)
+            answers = {"mode": settings.answer, "likelihood": _answer_summary(likelihood)}
+            chosen = likelihood
+            if generated is not None:
+                from .answer import parse_answer
+                from .probes import one_hot
+
+                parsed = np.array([parse_answer(text, spoken) for text in generated])
+                chosen = score(y_test, one_hot(parsed, k), parsed)
+                answers["generate"] = {
+                    **_answer_summary(chosen),
+                    "parse_failure_rate": float(np.mean(parsed < 0)),
+                    "examples": [
+                        {"id": dataset.ids[int(i)], "text": text, "parsed": spoken[p] if p >= 0 else None}
+                        for i, text, p in list(zip(the_plan.test, generated, parsed))[:5]
+                    ],
+                }
+            loci[name] = _locus(name, k, chosen, chance, finite=bool(ok.all()))
         else:
             pooled, per_fold, finite = probed[name]
             loci[name] = _locus(name, features.loci[name].shape[1], pooled, chance, finite=finite,
@@ -181,6 +210,7 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
         verdicts=verdicts,
         thresholds=model_plan.thresholds.to_dict(),
         timings=timings,
+        answers=answers,
     )
 
 
@@ -214,6 +244,10 @@ def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any,
                per_fold[name] if len(folds) > 1 else None, finite[name])
         for name in features
     }
+
+
+def _answer_summary(answer: Any) -> dict[str, float | None]:
+    return {m: (float(answer.metric(m)) if np.isfinite(answer.metric(m)) else None) for m in METRICS}
 
 
 def _softmax_rows(values: np.ndarray) -> np.ndarray:

@@ -53,6 +53,7 @@ OPTIONS = (
     Option("--mllm-save-baseline", "mllm_save_baseline", None, "write this run's results as a baseline JSON (merged into an existing file; default: none)"),
     Option("--mllm-update-baseline", "mllm_update_baseline", False, "rewrite the --mllm-baseline file with this run instead of comparing (default: off)", "bool"),
     Option("--mllm-compare-to", "mllm_compare_to", None, "compare every other model of this run with the model of this label, on the same data and split (default: none)"),
+    Option("--mllm-answer", "mllm_answer", "likelihood", "how P_final is read: likelihood (closed-set scoring of the class names) or generate (greedy generation, first class name in the text; also reports the likelihood one and the parse-failure rate) (default: likelihood)", choices=("likelihood", "generate")),
     Option("--mllm-folds", "mllm_folds", None, "k-fold cross-validation instead of one split: every image is tested once; per-fold spread reported (default: one split)", "int"),
     Option("--mllm-skip-bad-images", "mllm_skip_bad_images", False, "skip unreadable images and list them in the summary instead of stopping (default: off)", "bool"),
     Option("--mllm-report", "mllm_report", None, "write results.json, plots and index.html into this folder (default: none)"),
@@ -134,6 +135,7 @@ def settings_from_config(config: pytest.Config) -> Any:
         update_baseline=bool(values["mllm_update_baseline"]),
         compare_to=values["mllm_compare_to"],
         folds=values["mllm_folds"],
+        answer=values["mllm_answer"],
         skip_bad_images=bool(values["mllm_skip_bad_images"]),
     )
 
@@ -317,6 +319,8 @@ class ProbeReporter:
                 f"connector reads {summary['consumed']})"
             )
             tr.write_line(f"  profile: {summary['profile']}")
+            if summary.get("answers"):
+                tr.write_line(f"  {summary['answers']}")
             healthy = summary["first_failing_stage"] is None
             tr.write_line(f"  {summary['diagnosis']}", red=not healthy, green=healthy)
             tr.write_line(f"  {len(outcomes)} probe tests ran, {failed} failed")

@@ -141,6 +141,7 @@ class ModelResult:
     thresholds: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     comparison: dict[str, Any] | None = None
+    answers: dict[str, Any] | None = None
 
     @property
     def failing_stages(self) -> list[str]:
@@ -200,6 +201,7 @@ class ModelResult:
             "thresholds": self.thresholds,
             "timings": dict(self.timings),
             "comparison": self.comparison,
+            "answers": self.answers,
         }
 
 

@@ -10,6 +10,7 @@ from .errors import ConfigError
 DEVICE_HINT = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROBES = ("linear", "mlp")
+ANSWER_MODES = ("likelihood", "generate")
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
@@ -40,6 +41,7 @@ class Settings:
     update_baseline: bool = False
     compare_to: str | None = None
     folds: int | None = None
+    answer: str = "likelihood"
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class Settings:
             raise ConfigError(f"--mllm-probe {self.probe!r} is not one of {', '.join(PROBES)}")
         if self.metric is not None and self.metric not in METRICS:
             raise ConfigError(f"--mllm-metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.answer not in ANSWER_MODES:
+            raise ConfigError(f"--mllm-answer {self.answer!r} is not one of {', '.join(ANSWER_MODES)}")
         if self.folds is not None and self.folds < 2:
             raise ConfigError(f"--mllm-folds {self.folds} must be at least 2 (e.g. 5), or left out for one split")
         if self.update_baseline and not (self.baseline or self.save_baseline):
