@@ -7,8 +7,9 @@ Nothing here imports pytest.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,10 +117,11 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     dataset = the_plan.dataset
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = load_model(
-        model_plan.spec, device=settings.device, dtype=settings.dtype,
-        trust_remote_code=settings.trust_remote_code,
-    )
+    with quiet_transformers():
+        loaded = load_model(
+            model_plan.spec, device=settings.device, dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+        )
     stage_map = detect_stages(loaded.model, settings.stages)
     timings["load_s"] = time.perf_counter() - start
 
@@ -244,6 +246,23 @@ def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any,
                per_fold[name] if len(folds) > 1 else None, finite[name])
         for name in features
     }
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and notices while loading (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _answer_summary(answer: Any) -> dict[str, float | None]:
