@@ -362,3 +362,22 @@ def test_pytest_html_extras(demo: dict, monkeypatch: pytest.MonkeyPatch) -> None
             assert _image(base64.b64decode(extras[0]["content"])).format == "PNG"
     monkeypatch.setitem(sys.modules, "pytest_html", None)
     assert pytest_html_extras(model) == []
+
+
+def test_the_plugin_writes_the_report_and_feeds_pytest_html(pytester: pytest.Pytester) -> None:
+    """`pytest --mllm-model demo --mllm-report out/` writes every file; pytest-html gets the plot."""
+    pytest.importorskip("pytest_html")
+    pytest.importorskip("matplotlib")
+    out = pytester.path / "out"
+    html = pytester.path / "report.html"
+    result = pytester.runpytest_subprocess(
+        "--mllm-model", "demo", "--mllm-report", str(out), "--html", str(html),
+        "--self-contained-html", "-p", "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=18)
+    result.stdout.fnmatch_lines(["mllmprobe wrote report: *out (results.json, demo.png, profile.png, index.html)"])
+    assert sorted(p.name for p in out.iterdir()) == ["demo.png", "index.html", "profile.png", "results.json"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema_version"] == 1 and doc["models"]["demo"]["first_failing_stage"] is None
+    page = html.read_text()
+    assert "data:image/png;base64" in page and "stage.connector" in page
