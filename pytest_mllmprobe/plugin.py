@@ -162,7 +162,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from .items import ModelNode
 
     try:
-        evaluator = engine.Evaluator(engine.plan(settings))
+        evaluator = engine.Evaluator(engine.plan(settings), progress=ExtractionProgress(config))
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_Keys.evaluator] = evaluator
@@ -228,6 +228,51 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         f"mllmprobe: models={', '.join(settings.models)} data={settings.data or 'bundled demo'} "
         f"probe={settings.probe} test_size={settings.test_size} seed={settings.seed}"
     ]
+
+
+class ExtractionProgress:
+    """Images/s and ETA of each model's extraction, on the terminal (not captured); quiet with -q.
+
+    On a terminal one line is rewritten in place; in a CI log a line is printed at each quarter.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self._start: dict[str, float] = {}
+        self._shown: dict[str, int] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        import time
+
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or self.config.get_verbosity() < 0:
+            return
+        now = time.perf_counter()
+        start = self._start.setdefault(label, now)
+        elapsed = max(now - start, 1e-9)
+        rate = done / elapsed if done else 0.0
+        eta = (total - done) / rate if rate else float("nan")
+        text = f"mllmprobe: {label}: extracted {done}/{total} images, {rate:.1f} img/s, ETA {eta:.0f} s"
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if capture is None:
+            self._show(reporter, label, done, total, text, elapsed, rate)
+            return
+        with capture.global_and_fixture_disabled():
+            self._show(reporter, label, done, total, text, elapsed, rate)
+
+    def _show(self, reporter: Any, label: str, done: int, total: int, text: str, elapsed: float, rate: float) -> None:
+        if reporter.isatty():
+            if done == total:
+                reporter.rewrite(f"mllmprobe: {label}: extracted {total} images in {elapsed:.1f} s ({rate:.1f} img/s)", erase=True)
+                reporter.write_line("")
+            else:
+                reporter.rewrite(text, erase=True)
+            return
+        quarter = (4 * done) // max(total, 1)
+        if quarter > self._shown.get(label, 0) or done == total:
+            self._shown[label] = quarter
+            reporter.ensure_newline()
+            reporter.write_line(text)
 
 
 class ProbeReporter:

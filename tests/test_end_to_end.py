@@ -37,6 +37,7 @@ def test_demo_passes_and_prints_the_profile(demo_run) -> None:
     assert "mllmprobe: feature health" in out
     assert "profile: FHS_V " in out and " -> FHS_C " in out and " -> FHS_L " in out and " -> P_final " in out
     assert "all stages pass" in out
+    assert "mllmprobe: demo: extracted 150/150 images" in out  # progress shows through capture
     assert "connector reads vision.2 (vision_feature_layer=-2)" in out
     for name in ("mllm/demo::vision.0", "mllm/demo::connector", "mllm/demo::llm.0.image",
                  "mllm/demo::llm.0.last", "mllm/demo::answer", "mllm/demo::stage.connector"):
@@ -66,6 +67,9 @@ def test_junit_xunit2_validates_against_the_schema(demo_run, junit_schema: Path)
 def test_k_selects_by_stage_and_readout(tmp_path: Path, pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--mllm-model", "demo", "-k", "connector", "--collect-only", "-q", *RUN)
     result.stdout.fnmatch_lines(["mllm/demo::connector", "mllm/demo::stage.connector", "2/* tests collected*"])
+    ran = pytester.runpytest_subprocess("--mllm-model", "demo", "-k", "connector", "-q", *RUN)
+    ran.assert_outcomes(passed=2, deselected=16)
+    ran.stdout.no_fnmatch_line("*extracted*images*")  # -q keeps the progress quiet
     result = pytester.runpytest_subprocess("--mllm-model", "demo", "-k", "llm and last", "--collect-only", "-q", *RUN)
     lines = [line for line in result.stdout.lines if line.startswith("mllm/")]
     assert lines and all(line.endswith(".last") and "::llm." in line for line in lines)
