@@ -65,22 +65,22 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
 
-def load_baseline(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_baseline(path: str | os.PathLike[str], flag: str = "--mllm-baseline") -> dict[str, Any]:
     """Read a baseline file; a missing or foreign file is a ConfigError saying how to make one."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--mllm-baseline {str(path)!r} does not exist; {SAVE_HINT}")
+        raise ConfigError(f"{flag} {str(path)!r} does not exist; {SAVE_HINT}")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(
-            f"--mllm-baseline {str(path)!r} is not a readable JSON baseline ({exc}); re-create it "
-            "with --mllm-update-baseline"
+            f"{flag} {str(path)!r} is not a readable JSON baseline ({exc}); delete it or choose "
+            "another path, then save the baseline again"
         ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise ConfigError(
-            f"--mllm-baseline {str(path)!r} is not a pytest-mllmprobe baseline (version {VERSION}); "
-            "re-create it with --mllm-update-baseline"
+            f"{flag} {str(path)!r} is not a pytest-mllmprobe baseline (version {VERSION}); delete "
+            "it or choose another path, then save the baseline again"
         )
     return doc
 

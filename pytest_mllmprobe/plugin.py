@@ -289,6 +289,7 @@ class ProbeReporter:
         self.data: dict[str, Any] | None = None
         self.ran: dict[str, set[str]] = {}
         self.written: list[str] = []
+        self.errors: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         figures = getattr(report, "mllm", None)
@@ -312,23 +313,38 @@ class ProbeReporter:
             _suite_property(self.config, f"mllmprobe:{report.nodeid}", json.dumps(figures, sort_keys=True))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Write baselines and reports once, in the controller (not in xdist workers)."""
+        """Write baselines and reports once, in the controller (not in xdist workers).
+
+        A file that cannot be written is reported in red and turns the exit code into 4; it never
+        raises from here (that would be an internal error and hide the test outcomes).
+        """
         if hasattr(self.config, "workerinput") or not self.entries:
             return
+        target = self.settings.save_baseline or (self.settings.baseline if self.settings.update_baseline else None)
+        folder = self.config.getoption("mllm_report") or self.config.getini("mllm_report")
+        for what, write, where in (("baseline", self._write_baseline, target), ("report", self._write_report, folder)):
+            if not where:
+                continue
+            try:
+                write(where)
+            except (OSError, ConfigError, ValueError) as exc:
+                self.errors.append(f"could not write the {what} {where!r}: {exc}")
+                if session.exitstatus == pytest.ExitCode.OK:
+                    session.exitstatus = pytest.ExitCode.USAGE_ERROR
+
+    def _write_baseline(self, target: str) -> None:
+        from pathlib import Path
+
         from .baseline import load_baseline, merge, write_json_atomic
 
-        target = self.settings.save_baseline or (self.settings.baseline if self.settings.update_baseline else None)
-        if target:
-            from pathlib import Path
-
-            existing = load_baseline(target) if Path(target).is_file() else None
-            doc = merge(existing, {label: (entry, self.ran.get(label, set())) for label, entry in self.entries.items()})
-            write_json_atomic(target, doc)
-            self.written.append(f"baseline: {target} ({', '.join(sorted(self.entries))})")
-        if self.config.getoption("mllm_report") or self.config.getini("mllm_report"):
-            self._write_report(self.config.getoption("mllm_report") or self.config.getini("mllm_report"))
+        flag = "--mllm-save-baseline" if self.settings.save_baseline else "--mllm-baseline"
+        existing = load_baseline(target, flag) if Path(target).is_file() else None
+        doc = merge(existing, {label: (entry, self.ran.get(label, set())) for label, entry in self.entries.items()})
+        write_json_atomic(target, doc)
+        self.written.append(f"baseline: {target} ({', '.join(sorted(self.entries))})")
 
     def _write_report(self, folder: str) -> None:
+        from .report import write_report
         from .results import SCHEMA_VERSION
 
         doc = {
@@ -337,16 +353,6 @@ class ProbeReporter:
             "data": self.data,
             "models": self.results,
         }
-        try:
-            from .report import write_report
-        except ImportError:  # the report package is optional at this stage
-            from pathlib import Path
-
-            from .baseline import write_json_atomic
-
-            write_json_atomic(Path(folder) / "results.json", doc)
-            self.written.append(f"report: {folder}/results.json")
-            return
         outcome = write_report(doc, folder)
         self.written.append(f"report: {folder} ({', '.join(p.name for p in outcome.written)})")
         self.written += [f"report: {w}" for w in outcome.warnings]
@@ -376,6 +382,8 @@ class ProbeReporter:
                 tr.write_line(f"  {image_id}: {reason}")
         for line in self.written:
             tr.write_line(f"mllmprobe wrote {line}")
+        for line in self.errors:
+            tr.write_line(f"mllmprobe {line}", red=True)
 
 
 @pytest.fixture(scope="session")

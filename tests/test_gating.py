@@ -178,3 +178,14 @@ def test_the_results_fixture_serves_custom_assertions(pytester: pytest.Pytester)
     result.assert_outcomes(passed=1, deselected=18)
     alone = pytester.runpytest_subprocess(*RUN)
     alone.assert_outcomes(skipped=1)
+
+
+def test_a_baseline_that_cannot_be_merged_is_reported_not_raised(pytester: pytest.Pytester) -> None:
+    target = pytester.path / "baseline.json"
+    target.write_text("not json")
+    result = _pytest(pytester, "--mllm-save-baseline", str(target), "-k", "stage.answer")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.assert_outcomes(passed=1, deselected=17)
+    result.stdout.fnmatch_lines(["mllmprobe could not write the baseline *--mllm-save-baseline * is not a readable JSON baseline*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    assert target.read_text() == "not json"  # left as it was
