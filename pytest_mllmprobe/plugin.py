@@ -353,7 +353,12 @@ class ProbeReporter:
             "data": self.data,
             "models": self.results,
         }
-        outcome = write_report(doc, folder)
+        reference = None
+        if self.settings.baseline and not self.settings.update_baseline:
+            from .baseline import load_baseline
+
+            reference = load_baseline(self.settings.baseline)  # drawn dashed under each model
+        outcome = write_report(doc, folder, reference=reference)
         self.written.append(f"report: {folder} ({', '.join(p.name for p in outcome.written)})")
         self.written += [f"report: {w}" for w in outcome.warnings]
 
