@@ -93,3 +93,16 @@ def test_ini_keys_mirror_the_options(pytester: pytest.Pytester) -> None:
     # the command line wins over the ini file
     result = pytester.runpytest_subprocess("--mllm-model", "./from-cli", "-p", "no:cacheprovider")
     _usage_error(result, "--mllm-model './from-cli' was not found*")
+
+
+def test_remote_code_is_refused_unless_the_user_opts_in(pytester: pytest.Pytester, lesion_data: Path) -> None:
+    model = pytester.mkdir("custom-model")
+    (model / "config.json").write_text(
+        '{"model_type": "hulu_custom", "auto_map": {"AutoConfig": "configuration_hulu.HuluConfig"}}'
+    )
+    (model / "configuration_hulu.py").write_text(
+        "from transformers import PretrainedConfig\n"
+        "class HuluConfig(PretrainedConfig):\n    model_type = 'hulu_custom'\n"
+    )
+    result = pytester.runpytest_subprocess("--mllm-model", str(model), "--mllm-data", str(lesion_data), "-p", "no:cacheprovider")
+    _usage_error(result, "needs its own code from the model folder or hub; run again with --mllm-trust-remote-code*")
