@@ -72,7 +72,14 @@ def scores_by_continuation(
         cont = torch.tensor(tokens, device=input_ids.device).expand(batch, -1)
         ids = torch.cat([input_ids, cont], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
-        kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        kwargs = {}
+        for key, value in inputs.items():
+            if key in ("input_ids", "attention_mask"):
+                continue
+            if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape:
+                # per-token side inputs (e.g. mm_token_type_ids): the answer tokens are text
+                value = torch.cat([value, torch.zeros_like(cont, dtype=value.dtype)], dim=1)
+            kwargs[key] = value
         kwargs.update(extra)
         if "position_ids" in extra:
             kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp(min=0)

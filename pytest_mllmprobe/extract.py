@@ -22,7 +22,8 @@ import numpy as np
 
 from .answer import scores_by_continuation, scores_from_last_logits, single_token
 from .errors import ConfigError
-from .models.stages import MASK_POSITION_FAMILIES, StageMap
+from .models.families import Segments, family, segments
+from .models.stages import StageMap
 
 
 @dataclass
@@ -55,17 +56,39 @@ def _first_tensor(output: Any) -> Any:
     raise ExtractionError(f"cannot read a tensor from a module output of type {type(output).__name__}")
 
 
-def _segment_mean(pooled: Any, segments: Sequence[int] | None) -> Any:
-    """Average consecutive rows (e.g. the tiles of one image) into one row per image."""
+def _pool_per_image(
+    name: str, hidden: Any, rows: Sequence[int] | None, *, flat: bool = False, drop_cls: bool = False
+) -> Any:
+    """One pooled row per image from a stage output.
+
+    ``[rows, tokens, hidden]`` (or ``[rows, h, w, hidden]``): mean over tokens (the class token
+    left out when ``drop_cls``), then over the rows (tiles) of each image when ``rows`` counts
+    them. ``flat``: the whole batch is one token sequence (``[tokens, hidden]`` as in Qwen2-VL,
+    or ``[1, tokens, hidden]`` as in Pixtral); ``rows`` counts the tokens of each image and each
+    image's tokens are averaged.
+    """
     import torch
 
-    if segments is None:
-        return pooled
-    if sum(segments) != pooled.shape[0]:
+    if flat and rows is not None and (hidden.dim() == 2 or (hidden.dim() == 3 and hidden.shape[0] == 1)):
+        pooled = hidden.reshape(-1, hidden.shape[-1]).float()
+        what = "tokens"
+    elif hidden.dim() >= 3 and not flat:
+        tokens = hidden.flatten(1, -2)  # [rows, h, w, hidden] (Aya Vision's connector) -> [rows, h*w, hidden]
+        tokens = tokens[:, 1:] if drop_cls else tokens
+        pooled = tokens.float().mean(dim=1)
+        if rows is None:
+            return pooled
+        what = "tiles"
+    else:
         raise ExtractionError(
-            f"the vision stage saw {pooled.shape[0]} rows but the batch has {sum(segments)} tiles"
+            f"{name}: expected [batch, tokens, hidden], got {tuple(hidden.shape)} (a batch flattened "
+            "into one token sequence needs the family's per-image token counts in models/families.py)"
         )
-    return torch.stack([chunk.mean(0) for chunk in torch.split(pooled, list(segments))])
+    if sum(rows) != pooled.shape[0]:
+        raise ExtractionError(
+            f"{name}: the output has {pooled.shape[0]} rows but the batch's images have {sum(rows)} {what}"
+        )
+    return torch.stack([chunk.mean(0) for chunk in torch.split(pooled, list(rows))])
 
 
 class PoolingHooks:
@@ -78,7 +101,7 @@ class PoolingHooks:
         self._pooled: dict[str, Any] = {}
         self._image_mask: Any = None
         self._last_index: Any = None
-        self._segments: Sequence[int] | None = None
+        self._segments = Segments()
         self._active = True
 
     # -- context management -------------------------------------------------------------
@@ -109,11 +132,11 @@ class PoolingHooks:
         self._handles.append(module.register_forward_hook(hook))
 
     # -- per batch ------------------------------------------------------------------------
-    def begin_batch(self, image_mask: Any, last_index: Any, segments: Sequence[int] | None) -> None:
+    def begin_batch(self, image_mask: Any, last_index: Any, segments: Segments | None = None) -> None:
         self._pooled = {}
         self._image_mask = image_mask
         self._last_index = last_index
-        self._segments = segments
+        self._segments = segments or Segments()
 
     def end_batch(self) -> dict[str, Any]:
         expected = self.expected_loci()
@@ -157,10 +180,9 @@ class PoolingHooks:
             if not self._active:
                 return
             hidden = _first_tensor(output)
-            if hidden.dim() != 3:
-                raise ExtractionError(f"{name}: expected [batch, tokens, hidden], got {tuple(hidden.shape)}")
-            tokens = hidden[:, 1:] if self.stage_map.drop_cls else hidden
-            self._store(name, _segment_mean(tokens.float().mean(dim=1), self._segments))
+            self._store(name, _pool_per_image(
+                name, hidden, self._segments.vision, flat=self._segments.flat, drop_cls=self.stage_map.drop_cls
+            ))
 
         return hook
 
@@ -169,11 +191,9 @@ class PoolingHooks:
             if not self._active:
                 return
             hidden = _first_tensor(output)
-            if hidden.dim() == 3:
-                pooled = hidden.float().mean(dim=1)
-            else:
-                raise ExtractionError(f"connector: expected [batch, tokens, hidden], got {tuple(hidden.shape)}")
-            self._store("connector", _segment_mean(pooled, self._segments))
+            self._store("connector", _pool_per_image(
+                "connector", hidden, self._segments.connector, flat=self._segments.flat
+            ))
 
         return hook
 
@@ -206,44 +226,36 @@ def last_prompt_index(attention_mask: Any) -> Any:
 
 
 def prepare_inputs(
-    processor: Any, images: list[Any], prompts: list[str], device: Any, dtype: Any, padding_side: str = "left"
+    processor: Any, images: list[Any], prompts: list[str], device: Any, dtype: Any, padding_side: str = "left",
+    *, nested: bool = False,
 ) -> dict[str, Any]:
-    """Run the processor (left padding by default); move tensors to the device (floats to ``dtype``)."""
+    """Run the processor (left padding by default); move tensors to the device (floats to ``dtype``).
+
+    ``nested`` passes the images as one list per prompt, for processors that ask for it.
+    """
     import torch
 
     tokenizer = getattr(processor, "tokenizer", processor)
     side = getattr(tokenizer, "padding_side", None)
     try:
         tokenizer.padding_side = padding_side
-        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        batch = processor(
+            images=[[image] for image in images] if nested else images, text=prompts,
+            return_tensors="pt", padding=True,
+        )
     finally:
         if side is not None:
             tokenizer.padding_side = side
     moved = {}
     for key, value in batch.items():
+        if key == "labels":  # training targets some processors add (PaliGemma): never a model input here
+            continue
         if isinstance(value, torch.Tensor):
             value = value.to(device)
             if value.is_floating_point():
                 value = value.to(dtype)
         moved[key] = value
     return moved
-
-
-def vision_segments(stage_map: StageMap, model: Any, inputs: dict[str, Any]) -> list[int] | None:
-    """Rows of the vision batch per image, for families that encode several tiles per image."""
-    if stage_map.family != "llava_next" or "image_sizes" not in inputs:
-        return None
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    config = model.config
-    return [
-        int(image_size_to_num_patches(
-            image_size=tuple(size.tolist()),
-            grid_pinpoints=config.image_grid_pinpoints,
-            patch_size=config.vision_config.image_size,
-        ))
-        for size in inputs["image_sizes"]
-    ]
 
 
 def extract(
@@ -273,6 +285,7 @@ def extract(
             f"the {stage_map.family!r} config has no image_token_id / image_token_index: the "
             "image-token readout cannot find the image positions"
         )
+    quirks = family(stage_map.family)
     n = len(prompts)
     collected: dict[str, list[Any]] = {}
     scores: list[Any] = []
@@ -280,17 +293,20 @@ def extract(
         for start in range(0, n, batch_size):
             index = list(range(start, min(start + batch_size, n)))
             inputs = prepare_inputs(
-                processor, images(index), [prompts[i] for i in index], device, dtype, padding_side
+                processor, images(index), [prompts[i] for i in index], device, dtype, padding_side,
+                nested=quirks.nested_images,
             )
+            if quirks.adjust is not None:
+                inputs = quirks.adjust(inputs)
             mask = inputs["attention_mask"]
             extra: dict[str, Any] = {}
-            if stage_map.family in MASK_POSITION_FAMILIES:
+            if quirks.mask_positions:
                 extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
             last_index = last_prompt_index(mask)
             hooks.begin_batch(
                 inputs["input_ids"] == stage_map.image_token_id,
                 last_index,
-                vision_segments(stage_map, model, inputs),
+                segments(stage_map, model, inputs),
             )
             left_padded = bool((last_index == mask.shape[1] - 1).all())
             # Left padding puts every row's last prompt token at the end: only its logits are needed.

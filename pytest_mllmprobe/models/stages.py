@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, close_matches
+from .families import FAMILIES, family as family_quirks
 
 VISION_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder")
 CONNECTOR_NAMES = (
@@ -21,7 +22,7 @@ LANGUAGE_NAMES = ("language_model", "text_model", "llm", "decoder")
 
 # Families whose one-dimensional rotary positions can be rebuilt from the attention mask,
 # which makes left-padded rows exactly equal to unpadded ones.
-MASK_POSITION_FAMILIES = ("llava", "llava_next", "vipllava")
+MASK_POSITION_FAMILIES = tuple(name for name, quirks in FAMILIES.items() if quirks.mask_positions)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ class StageMap:
 
 OVERRIDE_KEYS = ("vision", "connector", "llm")
 
+NO_VISION_ENCODER = (
+    "this {family!r} model ({cls}) has no vision encoder: no module named "
+    + ", ".join(VISION_NAMES)
+    + ". Models that feed image patches straight into the language model (e.g. fuyu) have no "
+    "vision or connector stage to probe, so feature probing does not apply to them."
+)
+
 
 def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageMap:
     """Detect the stages of a transformers vision-language model (loaded or on ``meta``).
@@ -94,9 +102,7 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
 
     vision = _find_named(modules, VISION_NAMES)
     language = _language_model_path(model, modules)
-    connector = overrides.get("connector") or _find_named(
-        modules, CONNECTOR_NAMES, outside=(vision, language)
-    )
+    connector = overrides.get("connector") or _connector_path(modules, family, vision, language)
     vision_layers = overrides.get("vision") or (vision and _largest_layer_list(modules, vision))
     llm_layers = overrides.get("llm") or (language and _largest_layer_list(modules, language))
     missing = [
@@ -107,6 +113,9 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
         ) if not path
     ]
     if missing:
+        if not vision and "vision" not in overrides:
+            raise ConfigError(NO_VISION_ENCODER.format(family=family, cls=type(model).__name__)
+                              + " " + _unsupported_message(model, family, missing))
         raise ConfigError(_unsupported_message(model, family, missing))
     for key, path in (("vision", vision_layers), ("llm", llm_layers)):
         if not _is_layer_list(modules[path]):
@@ -120,8 +129,14 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
         feature_layer = getattr(config, "vision_feature_layers", None)
     consumed = _consumed_layers(feature_layer, len(modules[vision_layers]))
     notes = []
-    if feature_layer is None:
+    if feature_layer is None and not family_quirks(family).reads_last_layer:
         notes.append("no vision_feature_layer in the config: the connector is assumed to read the last vision layer")
+    deepstack = getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None)
+    if deepstack:
+        notes.append(
+            "deepstack: vision blocks " + ", ".join(str(int(i)) for i in deepstack) + " also feed the first "
+            "language-model layers through their own mergers; the connector readout is the main merger only"
+        )
 
     return StageMap(
         family=family,
@@ -134,6 +149,16 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
         image_token_id=_image_token_id(config),
         notes=tuple(notes),
     )
+
+
+def _connector_path(modules: dict[str, Any], family: str, vision: str | None, language: str | None) -> str | None:
+    """The connector: a family's module inside the vision encoder, else one found by name."""
+    quirks = family_quirks(family)
+    if vision:
+        for name in quirks.connector_in_vision:
+            if f"{vision}.{name}" in modules:
+                return f"{vision}.{name}"
+    return _find_named(modules, quirks.connector_names + CONNECTOR_NAMES, outside=(vision, language))
 
 
 def _find_named(modules: dict[str, Any], names: tuple[str, ...], outside: tuple[str | None, ...] = ()) -> str | None:
@@ -201,8 +226,13 @@ def _is_layer_list(module: Any) -> bool:
 
 
 def _has_class_token(modules: dict[str, Any], vision: str) -> bool:
+    """A CLIP ``class_embedding`` or an InternViT ``cls_token`` in the vision encoder."""
+    import torch
+
     for path, module in modules.items():
-        if (path == vision or path.startswith(vision + ".")) and hasattr(module, "class_embedding"):
+        if (path == vision or path.startswith(vision + ".")) and (
+            hasattr(module, "class_embedding") or isinstance(getattr(module, "cls_token", None), torch.nn.Parameter)
+        ):
             return True
     return False
 

@@ -1,0 +1,267 @@
+"""On-disk cache of pooled features, so a re-run that only changes thresholds or probes loads no model.
+
+One entry per key: ``<key>.npz`` (the arrays, ``numpy.savez``, read back with
+``allow_pickle=False``) and ``<key>.json`` (what produced them). Both are written atomically: a
+temporary file in the cache folder, then ``os.replace``, so a reader sees the old entry or the new
+one, never half of one. An entry that cannot be read (truncated, corrupt, inconsistent) is
+reported with a :class:`CacheWarning` naming the file and treated as missing; it is recomputed.
+
+:func:`locked` serialises the work on one key across processes (``fcntl.flock`` on
+``<key>.lock``), so two pytest-xdist workers do not extract the same model twice: the second
+waits, then finds the first one's entry.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .extract import Features
+
+FORMAT = 1
+"""Bumped whenever the entry layout or the meaning of the arrays changes (old keys then miss)."""
+
+ANSWER = "answer_scores"
+NAMES = "locus_names"
+LOCUS_PREFIX = "locus/"
+
+CONFIG_FILES = (
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+)
+"""Small files hashed in full: they decide the prompt, the pixels and the architecture."""
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+EDGE_BYTES = 1 << 16
+"""Bytes hashed at each end of a weight file (with its size and mtime): cheap, not a full read."""
+
+
+class CacheWarning(UserWarning):
+    """A cache entry could not be used; it is recomputed."""
+
+
+def feature_key(model_fingerprint: str, data_fingerprint: str, extraction: dict[str, Any]) -> str:
+    """The sha256 of the canonical JSON of everything that decides the extracted features."""
+    payload = {"format": FORMAT, "model": model_fingerprint, "data": data_fingerprint, "extraction": extraction}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_fingerprint(model_dir_or_id: str | os.PathLike[str]) -> str:
+    """A cheap hash of a saved model: config/processor files in full, weights by size, mtime, ends.
+
+    ``demo`` is the bundled model. A hub id is fingerprinted by its local snapshot when the hub
+    cache has one (the snapshot folder name is the commit), else by the id alone.
+    """
+    source = str(model_dir_or_id)
+    if source == "demo":
+        from .demo import DEMO_MODEL
+
+        source = str(DEMO_MODEL)
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        snapshot = _hub_snapshot(source)
+        if snapshot is None:
+            return hashlib.sha256(f"hub:{source}".encode()).hexdigest()[:32]
+        path = snapshot
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if file.name in CONFIG_FILES:
+            digest.update(f"{rel}\0".encode() + file.read_bytes() + b"\n")
+        elif file.name.endswith(WEIGHT_SUFFIXES) or file.name.endswith(".index.json"):
+            stat = file.stat()
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_edges(file, stat.st_size)}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def _edges(file: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        digest.update(fh.read(EDGE_BYTES))
+        if size > EDGE_BYTES:
+            fh.seek(max(EDGE_BYTES, size - EDGE_BYTES))
+            digest.update(fh.read(EDGE_BYTES))
+    return digest.hexdigest()
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, not a hub id, or no huggingface_hub: fall back to the id
+        return None
+
+
+def extraction_settings(the_plan: Any, model_plan: Any) -> dict[str, Any]:
+    """Everything besides model and data that decides one model's features in ``engine.evaluate``.
+
+    Thresholds, metric, split, folds and probe settings are left out on purpose: changing them
+    reuses the features. Versions are read from package metadata (no torch/transformers import).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .models.load import pick_device, pick_dtype
+    from .prompts import DEFAULT_QUESTION
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    settings, dataset = the_plan.settings, the_plan.dataset
+    device = pick_device(settings.device)
+    return {
+        "batch_size": settings.batch_size,
+        "device": device.type,
+        "dtype": str(pick_dtype(settings.dtype, device)),
+        "question": dataset.prompt or DEFAULT_QUESTION,
+        "class_names": list(dataset.class_names),
+        "display_names": list(dataset.display_names),
+        "stage_map": model_plan.stage_map.to_dict(),
+        "stages": dict(settings.stages),
+        "trust_remote_code": settings.trust_remote_code,
+        "padding_side": "left",
+        "versions": {name: installed(name) for name in ("pytest-mllmprobe", "transformers", "torch")},
+    }
+
+
+def extraction_key(the_plan: Any, model_plan: Any) -> tuple[str, dict[str, Any]]:
+    """``(key, meta)`` of one model's features in a planned run; no weights are read."""
+    extraction = extraction_settings(the_plan, model_plan)
+    fingerprint = model_fingerprint(model_plan.spec.source)
+    key = feature_key(fingerprint, the_plan.dataset.fingerprint, extraction)
+    meta = {
+        "model": model_plan.spec.source, "label": model_plan.spec.label, "model_fingerprint": fingerprint,
+        "data": the_plan.dataset.root, "data_fingerprint": the_plan.dataset.fingerprint,
+        "n_images": len(the_plan.dataset), "extraction": extraction,
+    }
+    return key, meta
+
+
+def entry_paths(cache_dir: str | os.PathLike[str], key: str) -> tuple[Path, Path]:
+    """The ``.npz`` and ``.json`` files of one entry."""
+    root = Path(cache_dir)
+    return root / f"{key}.npz", root / f"{key}.json"
+
+
+def load_features(cache_dir: str | os.PathLike[str], key: str) -> Features | None:
+    """The cached features of ``key``; ``None`` when absent or unreadable (with a CacheWarning)."""
+    arrays_path, meta_path = entry_paths(cache_dir, key)
+    if not arrays_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("key") != key:
+            raise ValueError(f"its sidecar {meta_path.name} belongs to another format or key")
+        with np.load(arrays_path, allow_pickle=False) as stored:
+            names = [str(n) for n in stored[NAMES]]
+            loci = {name: np.array(stored[LOCUS_PREFIX + name]) for name in names}
+            answer_scores = np.array(stored[ANSWER])
+        _check_consistent(loci, answer_scores, meta)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        warnings.warn(CacheWarning(
+            f"feature cache entry {arrays_path} is unreadable ({type(exc).__name__}: {exc}); "
+            "its features are recomputed"
+        ), stacklevel=2)
+        return None
+    return Features(loci=loci, answer_scores=answer_scores)
+
+
+def _check_consistent(loci: dict[str, np.ndarray], answer_scores: np.ndarray, meta: dict[str, Any]) -> None:
+    n = answer_scores.shape[0] if answer_scores.ndim == 2 else -1
+    if n < 0:
+        raise ValueError(f"answer_scores has shape {answer_scores.shape}, expected [images, classes]")
+    for name, X in loci.items():
+        if X.ndim != 2 or X.shape[0] != n:
+            raise ValueError(f"locus {name} has shape {X.shape}, expected [{n}, features]")
+    if list(loci) != meta.get("loci"):
+        raise ValueError("its loci differ from those its sidecar lists")
+
+
+def save_features(
+    cache_dir: str | os.PathLike[str], key: str, features: Features, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write one entry atomically (arrays, then sidecar); returns the ``.npz`` path."""
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays_path, meta_path = entry_paths(root, key)
+    arrays = {NAMES: np.array(list(features.loci), dtype=str), ANSWER: np.asarray(features.answer_scores)}
+    for name, X in features.loci.items():
+        arrays[LOCUS_PREFIX + name] = np.asarray(X)
+    _atomic_write(arrays_path, lambda fh: np.savez(fh, **arrays))
+    sidecar = {
+        "format": FORMAT, "key": key, "loci": list(features.loci),
+        "n_images": int(features.answer_scores.shape[0]),
+        "bytes": int(sum(a.nbytes for a in arrays.values())),
+        "meta": meta or {},
+    }
+    text = json.dumps(sidecar, indent=1, sort_keys=True, default=str)
+    _atomic_write(meta_path, lambda fh: fh.write(text.encode()))
+    return arrays_path
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def locked(cache_dir: str | os.PathLike[str], key: str) -> Iterator[Path]:
+    """Hold an exclusive cross-process lock on ``key`` (blocks until it is free)."""
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / f"{key}.lock"
+    with open(lock_path, "a+b") as fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; concurrent workers may both extract (still safe)
+            yield lock_path
+            return
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield lock_path
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def cached_features(
+    cache_dir: str | os.PathLike[str] | None, key: str, compute: Any, meta: dict[str, Any] | None = None
+) -> tuple[Features, bool]:
+    """``(features, hit)``: the entry of ``key``, or ``compute()`` saved under it, under the lock.
+
+    ``cache_dir=None`` disables the cache (``compute()`` every time).
+    """
+    if cache_dir is None:
+        return compute(), False
+    with locked(cache_dir, key):
+        features = load_features(cache_dir, key)
+        if features is not None:
+            return features, True
+        features = compute()
+        save_features(cache_dir, key, features, meta)
+        return features, False

@@ -1,0 +1,253 @@
+"""Stage detection, hooks and per-image invariance for every supported VLM family.
+
+Each family is a tiny real transformers model built offline (``tests/tiny_families.py``),
+saved with ``save_pretrained`` and loaded back with ``AutoModelForImageTextToText``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_mllmprobe.answer import class_continuations
+from pytest_mllmprobe.data import load_image, load_image_folder
+from pytest_mllmprobe.errors import ConfigError
+from pytest_mllmprobe.extract import extract
+from pytest_mllmprobe.models import LoadedModel, ModelSpec, detect_stages, load_model, resolve_model
+from pytest_mllmprobe.models.families import segments
+from pytest_mllmprobe.models.stages import MASK_POSITION_FAMILIES, NO_VISION_ENCODER
+from pytest_mllmprobe.prompts import build_prompt
+
+from .tiny_families import AUTO_PROCESSOR_FAMILIES, FAMILIES, tiny_family
+
+CLASSES = ["normal", "benign", "malignant"]
+SHORT = "Classify the image. Options: {options}."
+LONG = "Please classify the image shown in this scan. Options: {options}. Answer with one option only."
+
+#: where each family's stages are (paths in the loaded model)
+EXPECTED = {
+    "qwen2_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
+    "qwen2_5_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
+    "qwen3_vl": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
+    "glm4v": ("model.visual.blocks", "model.visual.merger", "model.language_model.layers"),
+    "gemma3": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
+               "model.language_model.layers"),
+    "paligemma": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
+                  "model.language_model.layers"),
+    "idefics3": ("model.vision_model.encoder.layers", "model.connector", "model.text_model.layers"),
+    "smolvlm": ("model.vision_model.encoder.layers", "model.connector", "model.text_model.layers"),
+    "internvl": ("model.vision_tower.encoder.layer", "model.multi_modal_projector", "model.language_model.layers"),
+    "mistral3": ("model.vision_tower.transformer.layers", "model.multi_modal_projector",
+                 "model.language_model.layers"),
+    "aya_vision": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
+                   "model.language_model.layers"),
+    "llava_onevision": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
+                        "model.language_model.layers"),
+    "deepseek_vl": ("model.vision_model.encoder.layers", "model.aligner", "model.language_model.layers"),
+    "janus": ("model.vision_model.encoder.layers", "model.aligner", "model.language_model.layers"),
+    "blip-2": ("vision_model.encoder.layers", "language_projection", "language_model.model.decoder.layers"),
+    "instructblip": ("vision_model.encoder.layers", "language_projection", "language_model.model.decoder.layers"),
+}
+
+
+def _hooks_left(model) -> int:
+    return sum(
+        1 for m in model.modules() for hook in m._forward_hooks.values()
+        if getattr(hook, "__qualname__", "").startswith("PoolingHooks.")
+    )
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    from pytest_mllmprobe.demo.tiny import save_model
+
+    family = request.param
+    model, processor = tiny_family(family, seed=1)
+    path = tmp_path_factory.mktemp(family) / family
+    if family in AUTO_PROCESSOR_FAMILIES:
+        save_model(model, processor, path)
+        loaded = load_model(resolve_model(str(path)), device="cpu", dtype="float32")
+    else:  # the weights round-trip; the processor cannot be saved and reloaded here
+        model.save_pretrained(path)
+        from transformers import AutoModelForImageTextToText
+
+        import torch
+
+        reloaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        loaded = LoadedModel(ModelSpec(family, str(path)), reloaded, processor,
+                             torch.device("cpu"), torch.float32)
+    return loaded, detect_stages(loaded.model)
+
+
+@pytest.fixture(scope="module")
+def seven_images(lesion_data: Path) -> list:
+    """Seven lesion images of different sizes (so images of one batch differ in patch count)."""
+    data = load_image_folder(lesion_data)
+    picks = [0, 5, 21, 26, 41, 47, 10]
+    sizes = [(32, 32), (48, 32), (32, 48), (40, 40), (32, 32), (48, 48), (24, 40)]
+    return [load_image(data.paths[i]).resize(size) for i, size in zip(picks, sizes)]
+
+
+def _run(loaded, stage_map, images, prompts, batch_size, padding_side="left"):
+    continuations = class_continuations(loaded.processor.tokenizer, prompts[0], CLASSES)
+    return extract(
+        loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx], prompts,
+        continuations, batch_size=batch_size, device=loaded.device, dtype=loaded.dtype,
+        padding_side=padding_side,
+    )
+
+
+def test_detection_finds_the_family_stages(family_model) -> None:
+    loaded, stage_map = family_model
+    family = stage_map.family
+    vision, connector, llm = EXPECTED[family]
+    assert stage_map.vision_layers[0] == f"{vision}.0"
+    assert stage_map.connector == connector
+    assert stage_map.llm_layers[0] == f"{llm}.0"
+    assert len(stage_map.llm_layers) == 2
+    assert stage_map.image_token_id == loaded.model.config.image_token_id
+    # InternViT and the BLIP vision model carry a class token; SigLIP, Pixtral and Qwen's ViT do not
+    assert stage_map.drop_cls == (family in ("internvl", "blip-2", "instructblip"))
+    if family.startswith("qwen") or family == "glm4v":
+        assert family not in MASK_POSITION_FAMILIES  # mrope computes its own positions
+
+
+def test_detection_is_the_same_on_the_meta_structure(family_model) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    loaded, stage_map = family_model
+    with torch.device("meta"):
+        structure = AutoModelForImageTextToText.from_config(loaded.model.config)
+    assert detect_stages(structure) == stage_map
+
+
+def test_every_hook_fires_once_and_pools_per_image(family_model, seven_images) -> None:
+    loaded, stage_map = family_model
+    prompt = build_prompt(loaded.processor, CLASSES)
+    features = _run(loaded, stage_map, seven_images[:3], [prompt] * 3, batch_size=3)
+    assert set(features.loci) == set(stage_map.loci) - {"answer"}
+    for name, values in features.loci.items():
+        assert values.shape[0] == 3 and np.isfinite(values).all(), name
+    assert features.answer_scores.shape == (3, 3)
+    assert _hooks_left(loaded.model) == 0
+
+
+def test_features_do_not_depend_on_batch_size_position_or_padding(family_model, seven_images) -> None:
+    loaded, stage_map = family_model
+    prompts = [build_prompt(loaded.processor, CLASSES, LONG if i % 2 else SHORT) for i in range(7)]
+    alone = _run(loaded, stage_map, seven_images, prompts, batch_size=1)
+    together = _run(loaded, stage_map, seven_images, prompts, batch_size=7)
+    order = [6, 2, 4, 0, 5, 1, 3]
+    shuffled = _run(loaded, stage_map, [seven_images[i] for i in order], [prompts[i] for i in order], batch_size=7)
+    right = _run(loaded, stage_map, seven_images, prompts, batch_size=7, padding_side="right")
+    for name, reference in alone.loci.items():
+        np.testing.assert_allclose(together.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(shuffled.loci[name], reference[order], rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(right.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(together.answer_scores, alone.answer_scores, rtol=1e-4, atol=1e-5)
+    last = f"llm.{len(stage_map.llm_layers) - 1}.last"
+    assert not np.allclose(alone.loci[last][0], alone.loci[last][1], atol=1e-3)
+
+
+def test_images_of_one_batch_are_split_by_their_own_patch_or_tile_counts(family_model, seven_images) -> None:
+    import torch
+
+    from pytest_mllmprobe.extract import prepare_inputs
+    from pytest_mllmprobe.models.families import family
+
+    loaded, stage_map = family_model
+    prompt = build_prompt(loaded.processor, CLASSES)
+    inputs = prepare_inputs(loaded.processor, seven_images[:3], [prompt] * 3, "cpu", torch.float32,
+                            nested=family(stage_map.family).nested_images)
+    split = segments(stage_map, loaded.model, inputs)
+    if split.vision is None:
+        assert family(stage_map.family).segments is None
+        pytest.skip("one vision row per image")
+    assert len(split.vision) == 3 and len(set(split.vision)) > 1  # images of different sizes
+    pixels = inputs["pixel_values"]
+    if stage_map.family == "mistral3":  # padded [images, C, H, W]; image_sizes hold the real sizes
+        rows = sum(int(h) * int(w) // 64 for h, w in inputs["image_sizes"].tolist())
+    elif pixels.dim() == 5:  # [batch, tiles, C, H, W] padded with all-zero tiles
+        rows = int((pixels != 0).flatten(2).any(-1).sum())
+    else:
+        rows = pixels.shape[0]
+    assert sum(split.vision) == rows
+    if split.flat:  # one token sequence for the batch: the merger joins m x m patches
+        assert sum(split.vision) == sum(split.connector) * 4
+        if stage_map.family.startswith("qwen") or stage_map.family == "glm4v":
+            assert list(split.connector) == (inputs["input_ids"] == stage_map.image_token_id).sum(1).tolist()
+    else:
+        assert split.connector == split.vision
+
+
+def test_a_model_without_a_vision_encoder_is_a_clear_config_error() -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, FuyuConfig
+
+    config = FuyuConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4))
+    with torch.device("meta"):
+        fuyu = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(ConfigError) as info:
+        detect_stages(fuyu)
+    message = str(info.value)
+    assert NO_VISION_ENCODER.split("{")[0] in message and "'fuyu'" in message
+    assert "--mllm-stages vision=" in message
+
+
+def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pytester) -> None:
+    """One pytest run probes them all (one torch import instead of one per family)."""
+    from pytest_mllmprobe.demo.synth import make_images, write_image_folder
+    from pytest_mllmprobe.demo.tiny import save_model
+
+    models = []
+    for family in AUTO_PROCESSOR_FAMILIES:
+        model, processor = tiny_family(family, seed=0)
+        models += ["--mllm-model", str(save_model(model, processor, pytester.path / family))]
+    data = write_image_folder(make_images(10, seed=1), pytester.path / "data")
+    result = pytester.runpytest_subprocess(*models, "--mllm-data", str(data), "-p", "no:cacheprovider")
+    out = result.stdout.str()
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) > 0, out
+    assert "error" not in outcomes and "errors" not in outcomes, out
+    assert "Traceback" not in out + result.stderr.str(), out
+    # a random model may fail probe rules, never with an exception (ValueError, ExtractionError, ...)
+    assert not re.search(r"^FAILED \S+ - \w*(Error|Exception)\b", out, re.MULTILINE), out
+    result.stdout.fnmatch_lines(["*mllmprobe: feature health*"])
+    for family in AUTO_PROCESSOR_FAMILIES:
+        result.stdout.fnmatch_lines([f"{family} ({family}, * test images*",
+                                     "*profile: FHS_V * -> FHS_C * -> FHS_L * -> P_final *",
+                                     "*probe tests ran, * failed"])
+
+
+def test_a_flat_stage_output_without_per_image_counts_is_an_error() -> None:
+    import torch
+
+    from pytest_mllmprobe.extract import ExtractionError, _pool_per_image
+
+    with pytest.raises(ExtractionError, match="models/families.py"):
+        _pool_per_image("vision.0", torch.zeros(12, 4), None)
+    with pytest.raises(ExtractionError, match="has 12 rows but the batch's images have 10 tokens"):
+        _pool_per_image("vision.0", torch.zeros(12, 4), (4, 6), flat=True)
+    pooled = _pool_per_image("connector", torch.arange(24.0).reshape(1, 6, 4), (2, 4), flat=True)
+    np.testing.assert_allclose(pooled.numpy(), [[2, 3, 4, 5], [14, 15, 16, 17]])
+
+
+def test_multi_token_class_names_are_scored_in_every_family(family_model, seven_images) -> None:
+    """Per-token side inputs (Qwen's mm_token_type_ids) grow with the appended answer tokens."""
+    from pytest_mllmprobe.prompts import build_prompt
+
+    loaded, stage_map = family_model
+    names = ["benign", "malignant mass"]
+    prompt = build_prompt(loaded.processor, names)
+    continuations = class_continuations(loaded.processor.tokenizer, prompt, names)
+    assert max(len(c) for c in continuations) > 1
+    out = extract(
+        loaded.model, loaded.processor, stage_map, lambda idx: [seven_images[i] for i in idx],
+        [prompt] * 3, continuations, batch_size=3, device=loaded.device, dtype=loaded.dtype,
+    )
+    assert out.answer_scores.shape == (3, 2) and np.isfinite(out.answer_scores).all()
