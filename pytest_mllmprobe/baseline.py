@@ -114,12 +114,15 @@ def merge(existing: dict[str, Any] | None, entries: dict[str, tuple[dict[str, An
     """Update a baseline with the tests that ran; every other model and locus is kept.
 
     ``entries`` maps a model label to (its new entry, the names of the tests that ran). A model
-    whose data, split or architecture changed is replaced whole.
+    whose data, split, architecture, metric or extraction/probe settings changed is replaced
+    whole, so that one entry never mixes numbers measured two ways.
     """
     models = dict((existing or {}).get("models", {}))
     for label, (entry, ran) in entries.items():
         old = models.get(label)
-        same = old is not None and old["data"] == entry["data"] and old["loci_names"] == entry["loci_names"]
+        same = old is not None and all(
+            old.get(key) == entry[key] for key in ("data", "loci_names", "settings", "metric", "class_names")
+        )
         if not same or not ran:
             models[label] = entry
             continue
@@ -130,7 +133,8 @@ def merge(existing: dict[str, Any] | None, entries: dict[str, tuple[dict[str, An
         for stage, figure in STAGE_FIGURES.items():
             if f"stage.{stage}" in ran:
                 merged["scores"][figure] = entry["scores"][figure]
-        merged["settings"] = entry["settings"]
+                if stage == "llm":
+                    merged["scores"]["FHS_L_last"] = entry["scores"].get("FHS_L_last")
         models[label] = merged
     return {
         "format": FORMAT,

@@ -302,19 +302,31 @@ class Evaluator:
         self._raw: dict[str, ModelResult] = {}
         settings = the_plan.settings
         labels = [m.spec.label for m in the_plan.models]
-        if settings.compare_to is not None and settings.compare_to not in labels:
-            raise ConfigError(
-                f"--mllm-compare-to {settings.compare_to!r} is not one of the models of this run "
-                f"({', '.join(labels)}); name the reference by its label"
-            )
+        if settings.compare_to is not None:
+            if settings.compare_to not in labels:
+                raise ConfigError(
+                    f"--mllm-compare-to {settings.compare_to!r} is not one of the models of this run "
+                    f"({', '.join(labels)}); name the reference by its label"
+                )
+            reference = self.model_plan(settings.compare_to)
+            for model in the_plan.models:
+                if model.loci != reference.loci:
+                    raise ConfigError(
+                        f"--mllm-compare-to {settings.compare_to!r}: model {model.spec.label!r} has "
+                        f"another architecture ({len(model.loci)} loci, the reference "
+                        f"{len(reference.loci)}); compare checkpoints of the same architecture"
+                    )
         self.baseline: dict[str, Any] | None = None
         if settings.baseline and not settings.update_baseline:
             from .baseline import check_compatible, load_baseline
 
             self.baseline = load_baseline(settings.baseline)
             summary = data_summary(the_plan)
+            # With --mllm-compare-to the others are compared with the reference model, and only
+            # the reference with the baseline; otherwise every model with its baseline entry.
+            users = [settings.compare_to] if settings.compare_to is not None else labels
             for model in the_plan.models:
-                if model.spec.label == settings.compare_to:
+                if model.spec.label not in users:
                     continue
                 check_compatible(
                     self.baseline["models"].get(model.spec.label), model.spec.label, settings.baseline,

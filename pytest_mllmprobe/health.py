@@ -24,14 +24,15 @@ FAILURE_MODES = {
 }
 
 
+#: Probe values below this are clamped in the growth factor, so that a locus scoring 0 (worse
+#: than any guess) gives a large but finite FHS instead of an infinite one.
+FLOOR = 1e-3
+
+
 def growth_factor(curve: Sequence[float]) -> float:
-    """``ln(P_end / sqrt(P_start * P_min))``; 0 for a flat curve."""
+    """``ln(P_end / sqrt(P_start * P_min))``; 0 for a flat curve (values clamped at ``FLOOR``)."""
     _check_curve(curve)
-    start, end, low = curve[0], curve[-1], min(curve)
-    if end <= 0:
-        return -math.inf
-    if start <= 0 or low <= 0:
-        return math.inf
+    start, end, low = (max(v, FLOOR) for v in (curve[0], curve[-1], min(curve)))
     return math.log(end / math.sqrt(start * low))
 
 
@@ -56,10 +57,7 @@ def feature_health_score(curve: Sequence[float], lam: float = LAMBDA) -> float:
     end = curve[-1]
     if end <= 0:
         return 0.0
-    gf = growth_factor(curve)
-    if math.isinf(gf):  # a zero start or minimum: growth is unbounded, report it as such
-        return math.inf
-    return end * (1.0 + gf) * volatility_penalty(curve, lam)
+    return end * (1.0 + growth_factor(curve)) * volatility_penalty(curve, lam)
 
 
 def _check_curve(curve: Sequence[float]) -> None:

@@ -2,7 +2,9 @@
 
 Importing this module costs nothing: the engine (torch, transformers, scikit-learn) is imported
 only when ``--mllm-model`` (or the ``mllm_model`` ini key) names a model.
-Precedence: command line > ini file > built-in default.
+Precedence: command line > ini file > built-in default. There are no per-test markers to
+override settings: the generated tests are not written by the user; per-model rules live in the
+threshold YAML (``models:`` sections).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Option:
 
 OPTIONS = (
     Option("--mllm-model", "mllm_model", [], "model to probe: 'demo' (bundled), a local folder saved with save_pretrained, or a hub id; repeat for several models (default: none, the plugin stays off)", "list"),
-    Option("--mllm-data", "mllm_data", None, "data: an image folder DATA/<class>/<image>, a .csv/.jsonl manifest, a MedMNIST-style .npz, a dataset .yaml or module:function (default: the bundled demo data, only with --mllm-model demo)"),
+    Option("--mllm-data", "mllm_data", None, "data: an image or DICOM folder DATA/<class>/<image>, a .csv/.jsonl manifest, a MedMNIST-style .npz, a dataset .yaml or module:function (default: the bundled demo data, only with --mllm-model demo)"),
     Option("--mllm-thresholds", "mllm_thresholds", [], "threshold YAML file or folder, merged over the shipped thresholds/default.yaml; repeatable (default: the shipped default only)", "list"),
     Option("--mllm-device", "mllm_device", "auto", "device for the forward pass: auto, cpu, cuda or cuda:N (default: auto = first GPU if any, else cpu)"),
     Option("--mllm-dtype", "mllm_dtype", "auto", "weights dtype (default: auto = float32 on cpu, bfloat16 on a GPU)", choices=("auto", "float32", "bfloat16", "float16")),
@@ -47,10 +49,10 @@ OPTIONS = (
     Option("--mllm-probe", "mllm_probe", "linear", "probe: linear (softmax regression) or mlp (the paper's 2-layer MLP) (default: linear)", choices=("linear", "mlp")),
     Option("--mllm-test-size", "mllm_test_size", 0.3, "fraction of images held out to score probes and the answer (default: 0.3)", "float"),
     Option("--mllm-metric", "mllm_metric", None, "metric every rule uses, overriding the threshold files: accuracy, balanced_accuracy, macro_f1 or auroc (default: from the threshold files, shipped: accuracy)", choices=("accuracy", "balanced_accuracy", "macro_f1", "auroc")),
-    Option("--mllm-stages", "mllm_stages", None, "override stage detection: vision=PATH,connector=PATH,llm=PATH (module paths; default: detected)"),
+    Option("--mllm-stages", "mllm_stages", None, "override stage detection with module paths: vision=PATH,connector=PATH,llm=PATH (default: detected)"),
     Option("--mllm-trust-remote-code", "mllm_trust_remote_code", False, "allow models that run their own code from the model folder or hub (default: off)", "bool"),
     Option("--mllm-baseline", "mllm_baseline", None, "compare every test with this baseline JSON; a significant regression fails (default: no comparison)"),
-    Option("--mllm-save-baseline", "mllm_save_baseline", None, "write this run's results as a baseline JSON (merged into an existing file; default: none)"),
+    Option("--mllm-save-baseline", "mllm_save_baseline", None, "write this run's results as a baseline JSON, merged into an existing file (default: none)"),
     Option("--mllm-update-baseline", "mllm_update_baseline", False, "rewrite the --mllm-baseline file with this run instead of comparing (default: off)", "bool"),
     Option("--mllm-compare-to", "mllm_compare_to", None, "compare every other model of this run with the model of this label, on the same data and split (default: none)"),
     Option("--mllm-answer", "mllm_answer", "likelihood", "how P_final is read: likelihood (closed-set scoring of the class names) or generate (greedy generation, first class name in the text; also reports the likelihood one and the parse-failure rate) (default: likelihood)", choices=("likelihood", "generate")),
@@ -89,16 +91,44 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(opt.ini, f"{opt.help} [ini mirror of {opt.flag}]", type=ini_type, default=None)
 
 
+#: Ini keys holding paths: relative values are read from the ini file's folder, as pytest does
+#: for its own path keys. Inputs are rebased only when that path exists (a model may be a hub
+#: id, data may be ``module:function``); outputs always.
+INPUT_PATH_KEYS = ("mllm_model", "mllm_data", "mllm_thresholds", "mllm_baseline")
+OUTPUT_PATH_KEYS = ("mllm_save_baseline", "mllm_report")
+
+
+def _rebase(config: pytest.Config, key: str, value: str) -> str:
+    from pathlib import Path
+
+    if config.inipath is None or Path(value).is_absolute():
+        return value
+    candidate = config.inipath.parent / value
+    if key in OUTPUT_PATH_KEYS or candidate.exists():
+        return str(candidate)
+    return value
+
+
 def _value(config: pytest.Config, opt: Option) -> Any:
     """Command line first, then the ini key, then the default; converted and checked."""
     cli = config.getoption(opt.dest)
     if cli not in (None, []):
         return cli
-    raw = config.getini(opt.ini)
+    try:
+        raw = config.getini(opt.ini)
+    except ValueError:  # pytest's own conversion of a bool ini value failed
+        raw = config.inicfg.get(opt.ini) if hasattr(config, "inicfg") else "?"
+        raise pytest.UsageError(
+            f"ini key {opt.ini} = {raw!r} is not true or false (see {opt.flag} in pytest --help)"
+        ) from None
     if raw in (None, "", []):
         return opt.default
-    if opt.kind in ("list", "bool"):
+    if opt.kind == "bool":
         return raw
+    if opt.kind == "list":
+        return [_rebase(config, opt.ini, str(v)) for v in raw] if opt.ini in INPUT_PATH_KEYS else raw
+    if opt.ini in INPUT_PATH_KEYS + OUTPUT_PATH_KEYS:
+        return _rebase(config, opt.ini, str(raw).strip())
     try:
         value: Any = {"int": int, "float": float}.get(opt.kind, str)(str(raw).strip())
     except ValueError:
@@ -150,6 +180,21 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_Keys.settings] = settings
         config.stash[_Keys.sent] = set()
         config.pluginmanager.register(ProbeReporter(config, settings), "mllmprobe-reporter")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist the controller collects nothing: check the inputs here, so that a bad
+    model, data, threshold or baseline is a usage error (exit 4) and not "no tests ran"."""
+    config = session.config
+    settings = config.stash.get(_Keys.settings, None)
+    if settings is None or hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from . import engine
+
+    try:
+        engine.Evaluator(engine.plan(settings))
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -63,7 +63,8 @@ class Settings:
             raise ConfigError(f"--mllm-folds {self.folds} must be at least 2 (e.g. 5), or left out for one split")
         if self.update_baseline and not (self.baseline or self.save_baseline):
             raise ConfigError(
-                "--mllm-update-baseline needs the file to write: add --mllm-baseline PATH"
+                "--mllm-update-baseline needs the file to write: add --mllm-baseline PATH "
+                "(or --mllm-save-baseline PATH)"
             )
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):

@@ -59,8 +59,9 @@ def chance_level(metric: str, y_test: np.ndarray, n_classes: int) -> float:
     ``accuracy``: the majority-class rate of the test split; ``balanced_accuracy``: ``1 / K``;
     ``macro_f1``: always answering the majority class; ``auroc``: 0.5.
     """
-    if metric == "balanced_accuracy":
-        return 1.0 / n_classes
+    if metric == "balanced_accuracy":  # averaged over the classes present in the test split
+        present = int((np.bincount(np.asarray(y_test), minlength=n_classes) > 0).sum())
+        return 1.0 / max(present, 1)
     if metric == "auroc":
         return 0.5
     counts = np.bincount(np.asarray(y_test), minlength=n_classes)

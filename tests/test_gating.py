@@ -93,17 +93,16 @@ def test_baseline_workflow(pytester: pytest.Pytester) -> None:
     same.assert_outcomes(passed=18)
     same.stdout.fnmatch_lines(["*all stages pass; no regression vs baseline*"])
 
-    # a partial update (-k) rewrites only what ran and keeps the rest
-    before = json.loads(baseline.read_text())["models"]["demo"]
-    partial = _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-update-baseline",
-                      "--mllm-probe", "mlp", "-k", "connector")
-    partial.assert_outcomes(passed=2, deselected=16)
+    # measured another way (here: the MLP probe), the entry is replaced whole, never mixed
+    mixed = _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-update-baseline",
+                    "--mllm-probe", "mlp", "-k", "connector")
+    mixed.assert_outcomes(passed=2, deselected=16)
     after = json.loads(baseline.read_text())["models"]["demo"]
-    assert after["loci"]["vision.0"] == before["loci"]["vision.0"]
-    assert after["loci"]["answer"] == before["loci"]["answer"]
-    assert after["loci"]["connector"] != before["loci"]["connector"]
     assert after["settings"]["probe"] == "mlp"
+    assert after["loci"]["answer"] == entry["loci"]["answer"]  # the answer needs no probe
+    assert after["loci"]["vision.0"] != entry["loci"]["vision.0"]  # re-measured, not kept
 
+    _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-update-baseline")  # back to linear
     other_split = _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-seed", "5")
     assert other_split.ret == pytest.ExitCode.USAGE_ERROR
     other_split.stderr.fnmatch_lines(["ERROR: *model 'demo' was measured on another train/test split*"])
@@ -111,6 +110,30 @@ def test_baseline_workflow(pytester: pytest.Pytester) -> None:
     subset = _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-max-samples", "60")
     assert subset.ret == pytest.ExitCode.USAGE_ERROR
     subset.stderr.fnmatch_lines(["ERROR: *model 'demo' was measured on another dataset*"])
+
+
+def test_a_partial_update_rewrites_only_the_tests_that_ran(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    import shutil
+
+    from pytest_mllmprobe.demo import DEMO_DATA, DEMO_MODEL
+
+    checkpoint = pytester.path / "checkpoint"
+    shutil.copytree(DEMO_MODEL, checkpoint)
+    baseline = pytester.path / "baseline.json"
+    args = ("--mllm-model", str(checkpoint), "--mllm-data", str(DEMO_DATA), *RUN)
+    pytester.runpytest_subprocess(*args, "--mllm-save-baseline", str(baseline)).assert_outcomes(passed=18)
+    before = json.loads(baseline.read_text())["models"]["checkpoint"]
+    # the checkpoint changes (its connector collapses); only the connector tests are re-recorded
+    shutil.rmtree(checkpoint)
+    shutil.move(str(build_faulty("rank1-connector", tmp_path)), str(checkpoint))
+    partial = pytester.runpytest_subprocess(*args, "--mllm-baseline", str(baseline), "--mllm-update-baseline",
+                                            "-k", "connector")
+    partial.assert_outcomes(passed=1, failed=1, deselected=16)  # the threshold rule still applies
+    after = json.loads(baseline.read_text())["models"]["checkpoint"]
+    assert after["loci"]["connector"] != before["loci"]["connector"]
+    assert after["scores"]["FHS_C"] < before["scores"]["FHS_C"]
+    assert after["loci"]["answer"] == before["loci"]["answer"]  # did not run: kept
+    assert after["scores"]["P_final"] == before["scores"]["P_final"]
 
 
 def test_another_architecture_is_a_usage_error(pytester: pytest.Pytester, lesion_data: Path) -> None:
@@ -189,3 +212,31 @@ def test_a_baseline_that_cannot_be_merged_is_reported_not_raised(pytester: pytes
     result.stdout.fnmatch_lines(["mllmprobe could not write the baseline *--mllm-save-baseline * is not a readable JSON baseline*"])
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     assert target.read_text() == "not json"  # left as it was
+
+
+def test_compare_to_another_architecture_is_a_usage_error(tiny_llava_dir: Path, lesion_data: Path) -> None:
+    from pytest_mllmprobe.engine import Evaluator, plan
+    from pytest_mllmprobe.errors import ConfigError
+    from pytest_mllmprobe.settings import Settings
+
+    settings = Settings(models=("demo", str(tiny_llava_dir)), data=str(lesion_data), compare_to="demo")
+    with pytest.raises(ConfigError, match="model 'tiny-llava' has another architecture .* compare checkpoints"):
+        Evaluator(plan(settings))
+
+
+def test_compare_to_and_a_baseline_combine(tmp_path: Path) -> None:
+    """The reference model is checked against the baseline; the others against the reference."""
+    from pytest_mllmprobe.baseline import merge, write_json_atomic
+    from pytest_mllmprobe.demo import DEMO_DATA
+    from pytest_mllmprobe.engine import Evaluator, plan
+    from pytest_mllmprobe.settings import Settings
+
+    evaluator = Evaluator(plan(Settings(models=("demo",), data=str(DEMO_DATA))))
+    baseline = tmp_path / "baseline.json"
+    write_json_atomic(baseline, merge(None, {"demo": (evaluator.entry("demo"), set())}))
+    tuned = build_faulty("permuted-answer", tmp_path)
+    results = run(["demo", str(tuned)], data=str(DEMO_DATA), compare_to="demo", baseline=str(baseline))
+    assert results["demo"].comparison["kind"] == "baseline"
+    assert results["demo"].comparison["regressed_stages"] == []
+    assert results["permuted-answer"].comparison["kind"] == "model"
+    assert results["permuted-answer"].comparison["regressed_stages"] == ["answer"]

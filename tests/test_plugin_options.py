@@ -36,11 +36,11 @@ def test_a_run_without_a_model_adds_nothing_and_imports_nothing(pytester: pytest
 
 def test_help_lists_every_option_with_its_default(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
-    text = result.stdout.str()
+    text = " ".join(result.stdout.str().split())  # help lines are wrapped
     for opt in OPTIONS:
-        assert opt.flag in text
-        assert opt.ini in text
-    assert text.count("(default: ") >= len(OPTIONS)
+        assert "(default: " in opt.help, opt.flag
+        assert f"{opt.flag}" in text and f"{opt.ini} (" in text, opt.flag
+        assert " ".join(opt.help.split())[:60] in text, opt.flag
 
 
 def _usage_error(result: pytest.RunResult, *patterns: str) -> None:
@@ -106,3 +106,26 @@ def test_remote_code_is_refused_unless_the_user_opts_in(pytester: pytest.Pyteste
     )
     result = pytester.runpytest_subprocess("--mllm-model", str(model), "--mllm-data", str(lesion_data), "-p", "no:cacheprovider")
     _usage_error(result, "needs its own code from the model folder or hub; run again with --mllm-trust-remote-code*")
+
+
+def test_usage_errors_reach_the_user_under_xdist(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-data", "no-such-data", "-n", "2", "-p", "no:cacheprovider")
+    _usage_error(result, "--mllm-data 'no-such-data' does not exist*")
+
+
+def test_a_bad_bool_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nmllm_model = demo\nmllm_skip_bad_images = maybe\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    _usage_error(result, "ini key mllm_skip_bad_images = 'maybe' is not true or false*")
+
+
+def test_ini_paths_are_read_from_the_ini_files_folder(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                    lesion_data: Path) -> None:
+    only = pytester.mkdir("one-class")
+    (only / "benign").mkdir()
+    for image in sorted((lesion_data / "benign").iterdir())[:3]:
+        (only / "benign" / image.name).write_bytes(image.read_bytes())
+    pytester.makeini("[pytest]\nmllm_model = demo\nmllm_data = one-class\n")
+    monkeypatch.chdir(pytester.mkdir("deeper"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    _usage_error(result, f"--mllm-data '{only}' has only one class*")
