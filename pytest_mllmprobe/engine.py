@@ -116,44 +116,61 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     settings = the_plan.settings
     dataset = the_plan.dataset
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    with quiet_transformers():
-        loaded = load_model(
-            model_plan.spec, device=settings.device, dtype=settings.dtype,
-            trust_remote_code=settings.trust_remote_code,
-        )
-    stage_map = detect_stages(loaded.model, settings.stages)
-    timings["load_s"] = time.perf_counter() - start
-
     class_names = list(dataset.class_names)
     spoken = list(dataset.display_names)  # the names the prompt lists and the answer is scored on
-    prompt = build_prompt(loaded.processor, spoken, dataset.prompt or DEFAULT_QUESTION)
-    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
-    continuations = class_continuations(tokenizer, prompt, spoken)
-
-    start = time.perf_counter()
-    features = extract(
-        loaded.model, loaded.processor, stage_map,
-        images=lambda index: [dataset.image(i) for i in index],
-        prompts=[prompt] * len(dataset),
-        continuations=continuations,
-        batch_size=settings.batch_size, device=loaded.device, dtype=loaded.dtype,
-        progress=(lambda done, total: progress(model_plan.spec.label, done, total)) if progress else None,
-    )
-    timings["extract_s"] = time.perf_counter() - start
+    # Detected on the meta device at plan time; replaced by the loaded model's when it loads.
+    stage_map = model_plan.stage_map
     generated: list[str] | None = None
-    if settings.answer == "generate":
-        from .answer import generate_answers
 
+    def compute() -> Any:
+        nonlocal stage_map, generated
         start = time.perf_counter()
-        test_index = [int(i) for i in the_plan.test]
-        generated = generate_answers(
-            loaded.model, loaded.processor, lambda index: [dataset.image(test_index[i]) for i in index],
-            [prompt] * len(test_index), batch_size=settings.batch_size,
-            device=loaded.device, dtype=loaded.dtype,
+        with quiet_transformers():
+            loaded = load_model(
+                model_plan.spec, device=settings.device, dtype=settings.dtype,
+                trust_remote_code=settings.trust_remote_code,
+            )
+        stage_map = detect_stages(loaded.model, settings.stages)
+        timings["load_s"] = time.perf_counter() - start
+        prompt = build_prompt(loaded.processor, spoken, dataset.prompt or DEFAULT_QUESTION)
+        tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        continuations = class_continuations(tokenizer, prompt, spoken)
+        start = time.perf_counter()
+        features = extract(
+            loaded.model, loaded.processor, stage_map,
+            images=lambda index: [dataset.image(i) for i in index],
+            prompts=[prompt] * len(dataset),
+            continuations=continuations,
+            batch_size=settings.batch_size, device=loaded.device, dtype=loaded.dtype,
+            progress=(lambda done, total: progress(model_plan.spec.label, done, total)) if progress else None,
         )
-        timings["generate_s"] = time.perf_counter() - start
-    del loaded
+        timings["extract_s"] = time.perf_counter() - start
+        if settings.answer == "generate":
+            from .answer import generate_answers
+
+            start = time.perf_counter()
+            test_index = [int(i) for i in the_plan.test]
+            generated = generate_answers(
+                loaded.model, loaded.processor, lambda index: [dataset.image(test_index[i]) for i in index],
+                [prompt] * len(test_index), batch_size=settings.batch_size,
+                device=loaded.device, dtype=loaded.dtype,
+            )
+            timings["generate_s"] = time.perf_counter() - start
+        return features  # the model is freed when this returns
+
+    # Generated answers are not cached: a generate run always loads the model.
+    cache_dir = settings.cache_dir if settings.answer != "generate" else None
+    if cache_dir is None:
+        features = compute()
+    else:
+        from .cache import cached_features, extraction_key
+
+        key, meta = extraction_key(the_plan, model_plan)  # reads no weights
+        start = time.perf_counter()
+        features, hit = cached_features(cache_dir, key, compute, meta)
+        timings["cache"] = 1.0 if hit else 0.0
+        if hit:
+            timings.update(load_s=0.0, extract_s=0.0, cache_read_s=time.perf_counter() - start)
 
     start = time.perf_counter()
     labels = dataset.labels

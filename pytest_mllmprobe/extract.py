@@ -287,7 +287,9 @@ def extract(
         )
     quirks = family(stage_map.family)
     n = len(prompts)
-    collected: dict[str, list[Any]] = {}
+    # Preallocated [N, D] outputs: many small per-batch tensors between the forward's large
+    # temporaries fragment the heap and keep the peak RSS high.
+    collected: dict[str, np.ndarray] = {}
     scores: list[Any] = []
     with PoolingHooks(model, stage_map) as hooks, torch.inference_mode():
         for start in range(0, n, batch_size):
@@ -312,7 +314,9 @@ def extract(
             # Left padding puts every row's last prompt token at the end: only its logits are needed.
             out = model(**inputs, **extra, logits_to_keep=1 if left_padded else 0)
             for name, value in hooks.end_batch().items():
-                collected.setdefault(name, []).append(value)
+                if name not in collected:
+                    collected[name] = np.empty((n, value.shape[1]), dtype=np.float32)
+                collected[name][index[0]:index[-1] + 1] = value.numpy()
             if left_padded:
                 last_logits = out.logits[:, -1]
             else:
@@ -329,5 +333,5 @@ def extract(
             del out
             if progress is not None:
                 progress(index[-1] + 1, n)
-    loci = {name: torch.cat(parts).numpy() for name, parts in collected.items()}
+    loci = collected
     return Features(loci=loci, answer_scores=torch.cat(scores).numpy())

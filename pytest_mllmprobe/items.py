@@ -149,6 +149,7 @@ def model_summary(result: Any) -> dict[str, Any]:
         "first_failing_stage": result.first_failing_stage,
         "scores": {k: _round(v) for k, v in result.scores.items()},
         "answers": answers_line(result),
+        "cached": bool(result.timings.get("cache")),
     }
 
 

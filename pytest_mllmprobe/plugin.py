@@ -58,6 +58,8 @@ OPTIONS = (
     Option("--mllm-answer", "mllm_answer", "likelihood", "how P_final is read: likelihood (closed-set scoring of the class names) or generate (greedy generation, first class name in the text; also reports the likelihood one and the parse-failure rate) (default: likelihood)", choices=("likelihood", "generate")),
     Option("--mllm-folds", "mllm_folds", None, "k-fold cross-validation instead of one split: every image is tested once; per-fold spread reported (default: one split)", "int"),
     Option("--mllm-skip-bad-images", "mllm_skip_bad_images", False, "skip unreadable images and list them in the summary instead of stopping (default: off)", "bool"),
+    Option("--mllm-cache-dir", "mllm_cache_dir", None, "feature cache folder, shared by xdist workers (a re-run that changes only thresholds or probe settings loads no model) (default: .pytest_cache/d/mllmprobe when pytest's cache is on, else off)"),
+    Option("--mllm-no-cache", "mllm_no_cache", False, "do not read or write the feature cache (default: off)", "bool"),
     Option("--mllm-report", "mllm_report", None, "write results.json, plots and index.html into this folder (default: none)"),
 )
 
@@ -95,7 +97,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 #: for its own path keys. Inputs are rebased only when that path exists (a model may be a hub
 #: id, data may be ``module:function``); outputs always.
 INPUT_PATH_KEYS = ("mllm_model", "mllm_data", "mllm_thresholds", "mllm_baseline")
-OUTPUT_PATH_KEYS = ("mllm_save_baseline", "mllm_report")
+OUTPUT_PATH_KEYS = ("mllm_save_baseline", "mllm_report", "mllm_cache_dir")
 
 
 def _rebase(config: pytest.Config, key: str, value: str) -> str:
@@ -167,7 +169,19 @@ def settings_from_config(config: pytest.Config) -> Any:
         folds=values["mllm_folds"],
         answer=values["mllm_answer"],
         skip_bad_images=bool(values["mllm_skip_bad_images"]),
+        cache_dir=_cache_dir(config, values),
     )
+
+
+def _cache_dir(config: pytest.Config, values: dict[str, Any]) -> str | None:
+    if values["mllm_no_cache"]:
+        return None
+    if values["mllm_cache_dir"]:
+        return str(values["mllm_cache_dir"])
+    cache = getattr(config, "cache", None)  # pytest's cache provider; absent with -p no:cacheprovider
+    if cache is None:
+        return None
+    return str(cache.mkdir("mllmprobe"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -415,9 +429,10 @@ class ProbeReporter:
         for label, summary in self.summaries.items():
             outcomes = self.outcomes.get(label, [])
             failed = sum(1 for o in outcomes if o == "failed")
+            cached = "; features from the cache" if summary.get("cached") else ""
             tr.write_line(
                 f"{label} ({summary['family']}, {summary['n_test']} test images; "
-                f"connector reads {summary['consumed']})"
+                f"connector reads {summary['consumed']}{cached})"
             )
             tr.write_line(f"  profile: {summary['profile']}")
             if summary.get("answers"):

@@ -42,6 +42,7 @@ class Settings:
     compare_to: str | None = None
     folds: int | None = None
     answer: str = "likelihood"
+    cache_dir: str | None = None
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:

@@ -1,0 +1,68 @@
+"""The feature cache in real runs, and pytest-xdist: same numbers, one extraction per model."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+RUN = ("-p", "no:cacheprovider")
+
+
+def _figures(report: Path) -> dict[str, dict]:
+    props = {p.get("name"): p.get("value") for p in ET.parse(report).getroot().iter("property")}
+    return {name: json.loads(value) for name, value in props.items() if name.startswith("mllmprobe:mllm/")}
+
+
+def test_a_rerun_that_changes_only_thresholds_or_probes_loads_no_model(pytester: pytest.Pytester) -> None:
+    cache = pytester.path / "features"
+    first = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-cache-dir", str(cache), *RUN)
+    first.assert_outcomes(passed=18)
+    first.stdout.no_fnmatch_line("*features from the cache*")
+    pytester.makefile(".yaml", strict="version: 1\nstages:\n  connector: {min_keep: 0.95}\n")
+    again = pytester.runpytest_subprocess(
+        "--mllm-model", "demo", "--mllm-cache-dir", str(cache), "--mllm-thresholds", "strict.yaml",
+        "--mllm-probe", "mlp", *RUN,
+    )
+    again.stdout.fnmatch_lines(["demo (llava, 45 test images; *; features from the cache)"])
+    again.stdout.no_fnmatch_line("*extracted*images*")  # no forward pass ran
+    assert len(list(cache.glob("*.npz"))) == 1
+    # --mllm-no-cache reads and writes nothing
+    fresh = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-cache-dir", str(cache), "--mllm-no-cache", *RUN)
+    fresh.stdout.no_fnmatch_line("*features from the cache*")
+
+
+def _run_demo(cache: str, queue: multiprocessing.Queue) -> None:
+    from pytest_mllmprobe import run
+
+    result = run("demo", cache_dir=cache)["demo"]
+    queue.put((result.timings.get("cache"), result.loci["connector"].accuracy))
+
+
+def test_two_processes_extract_a_model_once(tmp_path: Path) -> None:
+    """What xdist workers do: the second waits on the lock, then reads the first one's features."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_run_demo, args=(str(tmp_path), queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = [queue.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(hit for hit, _ in outcomes) == [0.0, 1.0]  # one computed, one read
+    assert outcomes[0][1] == outcomes[1][1]
+
+
+def test_xdist_gives_the_serial_results(pytester: pytest.Pytester) -> None:
+    serial, parallel = pytester.path / "serial.xml", pytester.path / "parallel.xml"
+    pytester.runpytest_subprocess("--mllm-model", "demo", "--junitxml", str(serial), *RUN).assert_outcomes(passed=18)
+    result = pytester.runpytest_subprocess(
+        "--mllm-model", "demo", "-n", "2", "--mllm-cache-dir", str(pytester.path / "features"),
+        "--junitxml", str(parallel), *RUN,
+    )
+    result.assert_outcomes(passed=18)
+    assert _figures(parallel) == _figures(serial)
+    assert len(list((pytester.path / "features").glob("*.npz"))) == 1
