@@ -55,6 +55,8 @@ class LocusResult:
             "chance": {k: _num(v) for k, v in self.chance.items()},
             "finite": self.finite,
             "fold_accuracy": None if self.fold_accuracy is None else [_num(a) for a in self.fold_accuracy],
+            "fold_mean": None if self.fold_accuracy is None else _num(float(np.mean(self.fold_accuracy))),
+            "fold_std": None if self.fold_accuracy is None else _num(float(np.std(self.fold_accuracy, ddof=1))),
             "correct": [bool(c) for c in self.correct],
         }
 

@@ -116,6 +116,9 @@ def test_k_fold_tests_every_image_once_and_reports_the_spread(lesions) -> None:
         if locus.name != "answer":
             assert locus.fold_accuracy is not None and len(locus.fold_accuracy) == 4
             assert min(locus.fold_accuracy) <= locus.accuracy <= max(locus.fold_accuracy)
+            figures = locus.to_dict()
+            assert figures["fold_mean"] == pytest.approx(sum(locus.fold_accuracy) / 4)
+            assert figures["fold_std"] >= 0.0
 
 
 @pytest.mark.parametrize(("text", "expected"), [
