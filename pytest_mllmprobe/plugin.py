@@ -118,7 +118,7 @@ def _value(config: pytest.Config, opt: Option) -> Any:
         return cli
     try:
         raw = config.getini(opt.ini)
-    except ValueError:  # pytest's own conversion of a bool ini value failed
+    except (ValueError, pytest.UsageError):  # pytest's own conversion of a bool ini value failed
         raw = config.inicfg.get(opt.ini) if hasattr(config, "inicfg") else "?"
         raise pytest.UsageError(
             f"ini key {opt.ini} = {raw!r} is not true or false (see {opt.flag} in pytest --help)"
