@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .atomic import atomic_write_bytes
 from .results import Check, ModelResult, Verdict
 from .stats import METRICS, holm, mcnemar_regression, paired_difference_interval
 
@@ -147,18 +147,8 @@ def merge(existing: dict[str, Any] | None, entries: dict[str, tuple[dict[str, An
 
 def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
     """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(doc, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .extract import Features
+from .atomic import atomic_write
 
 FORMAT = 1
 """Bumped whenever the entry layout or the meaning of the arrays changes (old keys then miss)."""
@@ -204,7 +204,7 @@ def save_features(
     arrays = {NAMES: np.array(list(features.loci), dtype=str), ANSWER: np.asarray(features.answer_scores)}
     for name, X in features.loci.items():
         arrays[LOCUS_PREFIX + name] = np.asarray(X)
-    _atomic_write(arrays_path, lambda fh: np.savez(fh, **arrays))
+    atomic_write(arrays_path, lambda fh: np.savez(fh, **arrays))
     sidecar = {
         "format": FORMAT, "key": key, "loci": list(features.loci),
         "n_images": int(features.answer_scores.shape[0]),
@@ -212,22 +212,8 @@ def save_features(
         "meta": meta or {},
     }
     text = json.dumps(sidecar, indent=1, sort_keys=True, default=str)
-    _atomic_write(meta_path, lambda fh: fh.write(text.encode()))
+    atomic_write(meta_path, lambda fh: fh.write(text.encode()))
     return arrays_path
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

@@ -110,7 +110,6 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     """Load one model, extract every locus in one pass, fit the probes, judge the rules."""
     from .answer import class_continuations
     from .extract import extract
-    from .probes import fit_probes
     from .verdicts import judge, stage_scores
 
     settings = the_plan.settings

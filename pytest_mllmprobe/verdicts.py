@@ -18,7 +18,6 @@ from typing import Any
 
 from .health import feature_health_score
 from .results import Check, LocusResult, Verdict, stage_of
-from .stats import above_chance
 
 
 NON_FINITE = (

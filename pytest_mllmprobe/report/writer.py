@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_bytes
 
 MATPLOTLIB_HINT = (
     "matplotlib is not installed, so this report has tables but no plots; "
@@ -61,7 +61,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
     if version != SUPPORTED_SCHEMA:
         warnings.append(f"results schema_version is {version!r}; this report understands "
                         f"{SUPPORTED_SCHEMA}: some parts may be missing")
-    written = [_atomic_write(out / "results.json", dumps(results).encode("utf-8"))]
+    written = [atomic_write_bytes(out / "results.json", dumps(results).encode("utf-8"))]
 
     models = results["models"]
     names = file_stems(list(models))
@@ -77,11 +77,11 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
             except Exception as exc:  # a report must not hide the tables because one plot failed
                 warnings.append(f"could not draw {names[label]}.png: {type(exc).__name__}: {exc}")
                 continue
-            written.append(_atomic_write(out / f"{names[label]}.png", model_pngs[label]))
+            written.append(atomic_write_bytes(out / f"{names[label]}.png", model_pngs[label]))
         try:
             if models:
                 profile_png = plots.render_profile(results)
-                written.append(_atomic_write(out / "profile.png", profile_png))
+                written.append(atomic_write_bytes(out / "profile.png", profile_png))
         except Exception as exc:
             warnings.append(f"could not draw profile.png: {type(exc).__name__}: {exc}")
     else:
@@ -93,7 +93,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
     from .page import render_page
 
     page = render_page(results, model_pngs, names, profile_png, warnings)
-    written.append(_atomic_write(out / "index.html", page.encode("utf-8")))
+    written.append(atomic_write_bytes(out / "index.html", page.encode("utf-8")))
     return ReportOutcome(out_dir=out, written=tuple(written), warnings=tuple(warnings))
 
 
@@ -168,16 +168,3 @@ def _check(results: Any, what: str = "results") -> None:
         )
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write to a temp file in the same folder, then ``os.replace``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
