@@ -29,6 +29,7 @@ import numpy as np
 
 from .extract import Features
 from .atomic import atomic_write
+from .data.images import quick_file_hash
 
 FORMAT = 1
 """Bumped whenever the entry layout or the meaning of the arrays changes (old keys then miss)."""
@@ -84,18 +85,8 @@ def model_fingerprint(model_dir_or_id: str | os.PathLike[str]) -> str:
             digest.update(f"{rel}\0".encode() + file.read_bytes() + b"\n")
         elif file.name.endswith(WEIGHT_SUFFIXES) or file.name.endswith(".index.json"):
             stat = file.stat()
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_edges(file, stat.st_size)}\n".encode())
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{quick_file_hash(file, EDGE_BYTES)}\n".encode())
     return digest.hexdigest()[:32]
-
-
-def _edges(file: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        digest.update(fh.read(EDGE_BYTES))
-        if size > EDGE_BYTES:
-            fh.seek(max(EDGE_BYTES, size - EDGE_BYTES))
-            digest.update(fh.read(EDGE_BYTES))
-    return digest.hexdigest()
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:
