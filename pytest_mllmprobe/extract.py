@@ -57,7 +57,8 @@ def _first_tensor(output: Any) -> Any:
 
 
 def _pool_per_image(
-    name: str, hidden: Any, rows: Sequence[int] | None, *, flat: bool = False, drop_cls: bool = False
+    name: str, hidden: Any, rows: Sequence[int] | None, *, flat: bool = False, drop_cls: bool = False,
+    mask: Any = None,
 ) -> Any:
     """One pooled row per image from a stage output.
 
@@ -65,7 +66,8 @@ def _pool_per_image(
     left out when ``drop_cls``), then over the rows (tiles) of each image when ``rows`` counts
     them. ``flat``: the whole batch is one token sequence (``[tokens, hidden]`` as in Qwen2-VL,
     or ``[1, tokens, hidden]`` as in Pixtral); ``rows`` counts the tokens of each image and each
-    image's tokens are averaged.
+    image's tokens are averaged. ``mask`` (bool ``[rows, tokens]``, after ``drop_cls``) keeps
+    only real tokens: each image is the mean over all real tokens of its rows.
     """
     import torch
 
@@ -75,6 +77,8 @@ def _pool_per_image(
     elif hidden.dim() >= 3 and not flat:
         tokens = hidden.flatten(1, -2)  # [rows, h, w, hidden] (Aya Vision's connector) -> [rows, h*w, hidden]
         tokens = tokens[:, 1:] if drop_cls else tokens
+        if mask is not None:
+            return _masked_pool(name, tokens, rows, mask)
         pooled = tokens.float().mean(dim=1)
         if rows is None:
             return pooled
@@ -89,6 +93,28 @@ def _pool_per_image(
             f"{name}: the output has {pooled.shape[0]} rows but the batch's images have {sum(rows)} {what}"
         )
     return torch.stack([chunk.mean(0) for chunk in torch.split(pooled, list(rows))])
+
+
+def _masked_pool(name: str, tokens: Any, rows: Sequence[int] | None, mask: Any) -> Any:
+    """Mean over the real tokens (``mask``) of each image's rows of ``tokens [rows, T, hidden]``."""
+    import torch
+
+    if tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ExtractionError(
+            f"{name}: the output has {tuple(tokens.shape[:2])} rows x tokens but the padding mask "
+            f"{tuple(mask.shape)}"
+        )
+    weights = mask.to(device=tokens.device, dtype=torch.float32)
+    sums = torch.einsum("rt,rth->rh", weights, tokens.float())
+    counts = weights.sum(dim=1)
+    if rows is not None:
+        if sum(rows) != sums.shape[0]:
+            raise ExtractionError(f"{name}: the output has {sums.shape[0]} rows but the batch's images have {sum(rows)}")
+        sums = torch.stack([chunk.sum(0) for chunk in torch.split(sums, list(rows))])
+        counts = torch.stack([chunk.sum() for chunk in torch.split(counts, list(rows))])
+    if bool((counts == 0).any()):
+        raise ExtractionError(f"{name}: an image of the batch has no real (unpadded) token")
+    return sums / counts.unsqueeze(1)
 
 
 class PoolingHooks:
@@ -181,7 +207,8 @@ class PoolingHooks:
                 return
             hidden = _first_tensor(output)
             self._store(name, _pool_per_image(
-                name, hidden, self._segments.vision, flat=self._segments.flat, drop_cls=self.stage_map.drop_cls
+                name, hidden, self._segments.vision, flat=self._segments.flat, drop_cls=self.stage_map.drop_cls,
+                mask=self._segments.vision_mask,
             ))
 
         return hook
@@ -192,7 +219,8 @@ class PoolingHooks:
                 return
             hidden = _first_tensor(output)
             self._store("connector", _pool_per_image(
-                "connector", hidden, self._segments.connector, flat=self._segments.flat
+                "connector", hidden, self._segments.connector, flat=self._segments.flat,
+                mask=self._segments.connector_mask,
             ))
 
         return hook

@@ -37,6 +37,7 @@ EXPECTED = {
                "model.language_model.layers"),
     "paligemma": ("model.vision_tower.encoder.layers", "model.multi_modal_projector",
                   "model.language_model.layers"),
+    "idefics2": ("model.vision_model.encoder.layers", "model.connector", "model.text_model.layers"),
     "idefics3": ("model.vision_model.encoder.layers", "model.connector", "model.text_model.layers"),
     "smolvlm": ("model.vision_model.encoder.layers", "model.connector", "model.text_model.layers"),
     "internvl": ("model.vision_tower.encoder.layer", "model.multi_modal_projector", "model.language_model.layers"),
@@ -167,7 +168,12 @@ def test_images_of_one_batch_are_split_by_their_own_patch_or_tile_counts(family_
     if split.vision is None:
         assert family(stage_map.family).segments is None
         pytest.skip("one vision row per image")
-    assert len(split.vision) == 3 and len(set(split.vision)) > 1  # images of different sizes
+    assert len(split.vision) == 3
+    if split.vision_mask is not None:  # tiles padded to the batch's largest image (Idefics2)
+        real = [int(chunk.sum()) for chunk in torch.split(split.vision_mask.sum(1), list(split.vision))]
+        assert len(set(real)) > 1 and not bool(split.vision_mask.all())  # real patches differ per image
+    else:
+        assert len(set(split.vision)) > 1  # images of different sizes: different tile or patch counts
     pixels = inputs["pixel_values"]
     if stage_map.family == "mistral3":  # padded [images, C, H, W]; image_sizes hold the real sizes
         rows = sum(int(h) * int(w) // 64 for h, w in inputs["image_sizes"].tolist())

@@ -250,6 +250,31 @@ def _idefics3(smol: bool = False) -> tuple[Any, Any]:
     return config, processor
 
 
+def _idefics2() -> tuple[Any, Any]:
+    from transformers import Idefics2Config, Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    tokenizer = family_tokenizer("<image>", ("<fake_token_around_image>", "<end_of_utterance>"),
+                                 {"image_boundary_token": "<fake_token_around_image>"})
+    config = Idefics2Config(
+        text_config=_text(tokenizer, model_type="mistral", head_dim=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=48, patch_size=8),
+        # the perceiver resampler turns every tile into 4 latents, whatever its size
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4,
+                              resampler_head_dim=8, num_key_value_heads=2),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
+    )
+    # images keep their aspect ratio (shortest edge 24, longest 48) and are padded to the largest
+    # of the batch (pixel_attention_mask); splitting gives 4 crops plus the whole image
+    image_processor = Idefics2ImageProcessorPil(
+        size={"shortest_edge": 24, "longest_edge": 48}, do_image_splitting=True, image_mean=MEAN, image_std=MEAN,
+    )
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=chat_template("<image>"))
+    return config, processor
+
+
 def _llava_onevision() -> tuple[Any, Any]:
     from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -454,6 +479,7 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "glm4v": _glm4v,
     "gemma3": _gemma3,
     "paligemma": _paligemma,
+    "idefics2": _idefics2,
     "idefics3": _idefics3,
     "smolvlm": lambda: _idefics3(smol=True),
     "internvl": _internvl,

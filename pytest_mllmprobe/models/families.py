@@ -35,12 +35,17 @@ class Segments:
     For a ``[rows, tokens, hidden]`` output an entry counts the rows (tiles) of each image;
     when ``flat``, the whole batch is one token sequence (``[tokens, hidden]``, or
     ``[1, tokens, hidden]`` for Pixtral) and an entry counts the tokens of each image.
-    ``None`` means one row per image.
+    ``None`` means one row per image. ``vision_mask`` / ``connector_mask`` (bool
+    ``[rows, tokens]``, True for a real token) leave padding tokens out of the mean: patches of
+    padded image regions (Idefics2), padded tiles and patch padding (Mllama); an image is then
+    the mean over all its real tokens.
     """
 
     vision: tuple[int, ...] | None = None
     connector: tuple[int, ...] | None = None
     flat: bool = False
+    vision_mask: Any = None
+    connector_mask: Any = None
 
 
 @dataclass(frozen=True)
@@ -109,14 +114,25 @@ def _pixtral_segments(stage_map: Any, model: Any, inputs: dict[str, Any]) -> Seg
 
 
 def _real_tile_segments(stage_map: Any, model: Any, inputs: dict[str, Any]) -> Segments:
-    """Idefics3 / SmolVLM: ``pixel_values`` is ``[batch, tiles, C, H, W]``, padded with all-zero
-    tiles; the model drops those, so each image has as many vision rows as it has real tiles."""
+    """Idefics2 / Idefics3 / SmolVLM: ``pixel_values`` is ``[batch, tiles, C, H, W]``, padded
+    with all-zero tiles; the model drops those, so each image has as many vision rows as it has
+    real tiles. Tiles padded to the batch's largest image (``pixel_attention_mask``) carry
+    padding patches, which the vision blocks output too: the mask leaves them out, as the
+    model's own ``patch_attention_mask`` does (a patch is real when all its pixels are)."""
     pixels = inputs.get("pixel_values")
     if pixels is None or pixels.dim() != 5:
         return Segments()
     real = (pixels != 0).flatten(2).any(-1)
     tiles = tuple(int(n) for n in real.sum(1).tolist())
-    return Segments(vision=tiles, connector=tiles)
+    pixel_mask = inputs.get("pixel_attention_mask")
+    if pixel_mask is None:
+        return Segments(vision=tiles, connector=tiles)
+    patch = int(model.config.vision_config.patch_size)
+    kept = pixel_mask[real].unfold(1, patch, patch).unfold(2, patch, patch)
+    patch_mask = (kept.sum(dim=(-1, -2)) == patch * patch).flatten(1)
+    if bool(patch_mask.all()):  # every tile of the batch has the same size (Idefics3's square tiles)
+        return Segments(vision=tiles, connector=tiles)
+    return Segments(vision=tiles, connector=tiles, vision_mask=patch_mask)
 
 
 def _token_tile_segments(stage_map: Any, model: Any, inputs: dict[str, Any]) -> Segments:
@@ -172,6 +188,7 @@ FAMILIES: dict[str, Family] = {
     "janus": Family(mask_positions=True, reads_last_layer=True),
     # PaliGemma counts positions from 1: left to the model (rotary, so padding shifts nothing)
     "paligemma": Family(reads_last_layer=True),
+    "idefics2": Family(mask_positions=True, segments=_real_tile_segments, reads_last_layer=True),
     "idefics3": Family(mask_positions=True, segments=_real_tile_segments, reads_last_layer=True),
     "smolvlm": Family(mask_positions=True, segments=_real_tile_segments, reads_last_layer=True),
     # Qwen-VL: the merger inside the vision encoder is the connector; mrope positions are the model's
