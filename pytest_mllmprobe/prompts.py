@@ -35,16 +35,13 @@ def build_prompt(processor: Any, class_names: list[str], template: str = DEFAULT
     """
     question = question_text(class_names, template)
     apply = getattr(processor, "apply_chat_template", None)
-    if apply is None or not _has_chat_template(processor):
+    own = getattr(processor, "chat_template", None)
+    # some processors (BLIP-2, InstructBLIP) drop their template on loading; the tokenizer keeps it
+    fallback = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if apply is None or not (own or fallback):
         raise ConfigError(
             f"the processor {type(processor).__name__} has no chat template; save one with the "
             "model (processor.chat_template = ...; processor.save_pretrained(path))"
         )
-    return apply(messages(question), add_generation_prompt=True, tokenize=False)
-
-
-def _has_chat_template(processor: Any) -> bool:
-    if getattr(processor, "chat_template", None):
-        return True
-    tokenizer = getattr(processor, "tokenizer", None)
-    return bool(getattr(tokenizer, "chat_template", None))
+    extra = {} if own else {"chat_template": fallback}
+    return apply(messages(question), add_generation_prompt=True, tokenize=False, **extra)

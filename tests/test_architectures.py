@@ -21,7 +21,7 @@ from pytest_mllmprobe.models.families import segments
 from pytest_mllmprobe.models.stages import MASK_POSITION_FAMILIES, NO_VISION_ENCODER
 from pytest_mllmprobe.prompts import build_prompt
 
-from .tiny_families import AUTO_PROCESSOR_FAMILIES, FAMILIES, tiny_family
+from .tiny_families import AUTO_PROCESSOR_FAMILIES, FAMILIES, save_processor, tiny_family
 
 CLASSES = ["normal", "benign", "malignant"]
 SHORT = "Classify the image. Options: {options}."
@@ -63,13 +63,12 @@ def _hooks_left(model) -> int:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    from pytest_mllmprobe.demo.tiny import save_model
-
     family = request.param
     model, processor = tiny_family(family, seed=1)
     path = tmp_path_factory.mktemp(family) / family
     if family in AUTO_PROCESSOR_FAMILIES:
-        save_model(model, processor, path)
+        model.save_pretrained(path)
+        save_processor(processor, path)
         loaded = load_model(resolve_model(str(path)), device="cpu", dtype="float32")
     else:  # the weights round-trip; the processor cannot be saved and reloaded here
         model.save_pretrained(path)
@@ -208,12 +207,13 @@ def test_a_model_without_a_vision_encoder_is_a_clear_config_error() -> None:
 def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pytester) -> None:
     """One pytest run probes them all (one torch import instead of one per family)."""
     from pytest_mllmprobe.demo.synth import make_images, write_image_folder
-    from pytest_mllmprobe.demo.tiny import save_model
 
     models = []
     for family in AUTO_PROCESSOR_FAMILIES:
         model, processor = tiny_family(family, seed=0)
-        models += ["--mllm-model", str(save_model(model, processor, pytester.path / family))]
+        model.save_pretrained(pytester.path / family)
+        save_processor(processor, pytester.path / family)
+        models += ["--mllm-model", str(pytester.path / family)]
     data = write_image_folder(make_images(10, seed=1), pytester.path / "data")
     result = pytester.runpytest_subprocess(*models, "--mllm-data", str(data), "-p", "no:cacheprovider")
     out = result.stdout.str()

@@ -9,11 +9,11 @@ template that writes the family's image placeholder.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from pytest_mllmprobe.demo.tiny import VOCAB_WORDS
+from pytest_mllmprobe.models.load import video_slot_may_be_empty
 
 MEAN = [0.5, 0.5, 0.5]
 
@@ -72,27 +72,29 @@ def _text(tokenizer: Any, **extra: Any) -> dict[str, Any]:
     return config
 
 
-@contextlib.contextmanager
-def no_video_processor() -> Iterator[None]:
-    """Let a processor with a video slot be built without one.
+def save_processor(processor: Any, path: Any) -> None:
+    """``processor.save_pretrained(path)``, also for a processor built without its video processor.
 
-    Qwen2-VL's processor has a video-processor slot whose class needs torchvision; without
-    torchvision transformers cannot even check ``None`` against it. Images never need it.
+    ``save_pretrained`` cannot save an empty video slot; the parts are then written as a
+    checkpoint holds them (image processor, tokenizer, chat template, the processor's own
+    settings in ``processor_config.json``), which ``AutoProcessor`` loads back with
+    torchvision and :func:`pytest_mllmprobe.models.load.processor_without_video` without.
     """
-    from transformers.processing_utils import ProcessorMixin
+    import inspect
+    import json
+    from pathlib import Path
 
-    original = ProcessorMixin.check_argument_for_proper_class
-
-    def check(self: Any, name: str, argument: Any) -> Any:
-        if name == "video_processor" and argument is None:
-            return None
-        return original(self, name, argument)
-
-    ProcessorMixin.check_argument_for_proper_class = check
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = original
+    if getattr(processor, "video_processor", True) is not None:
+        processor.save_pretrained(path)
+        return
+    path = Path(path)
+    processor.image_processor.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(processor.chat_template)
+    own = {key: getattr(processor, key) for key in inspect.signature(type(processor).__init__).parameters
+           if key not in ("self", "kwargs", "chat_template", *processor.get_attributes())
+           and isinstance(getattr(processor, key, None), (int, float, str, bool))}
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__, **own}))
 
 
 def _qwen(family: str) -> tuple[Any, Any]:
@@ -141,7 +143,7 @@ def _qwen(family: str) -> tuple[Any, Any]:
                       fullatt_block_indexes=[2])
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         processor_class = Qwen2_5_VLProcessor
-    with no_video_processor():
+    with video_slot_may_be_empty():
         processor = processor_class(
             image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
             chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
@@ -170,7 +172,7 @@ def _glm4v() -> tuple[Any, Any]:
         size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48}, patch_size=8, merge_size=2, temporal_patch_size=2,
         image_mean=MEAN, image_std=MEAN,
     )
-    with no_video_processor():
+    with video_slot_may_be_empty():
         processor = Glm4vProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                                    chat_template=chat_template("<|begin_of_image|><|image|><|end_of_image|>"))
     return config, processor
@@ -293,7 +295,7 @@ def _llava_onevision() -> tuple[Any, Any]:
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints, image_mean=MEAN, image_std=MEAN,
     )
-    with no_video_processor():
+    with video_slot_may_be_empty():
         processor = LlavaOnevisionProcessor(
             image_processor=image_processor, tokenizer=tokenizer, video_processor=None, num_image_tokens=16,
             vision_feature_select_strategy="full", chat_template=chat_template("<image>"),
@@ -362,7 +364,7 @@ def _internvl() -> tuple[Any, Any]:
         size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4,
         image_mean=MEAN, image_std=MEAN,
     )
-    with no_video_processor():
+    with video_slot_may_be_empty():
         processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                                       image_seq_length=4, chat_template=chat_template("<IMG_CONTEXT>"))
     return config, processor
@@ -494,13 +496,12 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
 
 FAMILIES = tuple(BUILDERS)
 
-#: families whose processor loads back with AutoProcessor in this environment (no torchvision)
-AUTO_PROCESSOR_FAMILIES: tuple[str, ...] = ("gemma3", "paligemma", "idefics3", "aya_vision", "deepseek_vl", "janus")
-# The others are tested with the processor built in memory: the Qwen-VL, GLM-4V, InternVL and
-# LLaVA-OneVision processors have a video slot that needs torchvision; PixtralProcessor (mistral3)
-# needs torchvision (PixtralStandIn does its work); SmolVLMProcessor needs num2words
-# (Idefics3Processor stands in); Blip2Processor and InstructBlipProcessor drop their chat
-# template when loaded back.
+#: families whose processor is saved and loads back through ``--mllm-model`` in this environment
+#: (no torchvision): AutoProcessor, or for a processor with a video slot the same parts without it
+AUTO_PROCESSOR_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in ("mistral3", "smolvlm"))
+# The other two are tested with the processor built in memory: PixtralProcessor (mistral3) needs
+# torchvision (PixtralStandIn does its work); SmolVLMProcessor needs num2words (Idefics3Processor
+# stands in).
 
 
 def tiny_family(family: str, *, seed: int = 0) -> tuple[Any, Any]:

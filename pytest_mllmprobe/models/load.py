@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,11 +138,19 @@ def load_model(
     torch_dtype = pick_dtype(dtype, torch_device)
     try:
         processor = AutoProcessor.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"--mllm-model {spec.source!r}: cannot load its processor with AutoProcessor: "
-            f"{_first_line(exc)}; save it next to the model with processor.save_pretrained(path)"
-        ) from exc
+    except (ImportError, OSError, ValueError, TypeError) as exc:
+        processor = None
+        # a part that images never use (the video processor) needs torchvision
+        if isinstance(exc, ImportError) or "torchvision" in str(exc):
+            try:
+                processor = processor_without_video(spec.source, trust_remote_code)
+            except (ImportError, OSError, ValueError, TypeError):
+                processor = None
+        if processor is None:
+            raise ConfigError(
+                f"--mllm-model {spec.source!r}: cannot load its processor with AutoProcessor: "
+                f"{_first_line(exc)}; save it next to the model with processor.save_pretrained(path)"
+            ) from exc
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             spec.source, dtype=torch_dtype, trust_remote_code=trust_remote_code
@@ -153,6 +163,84 @@ def load_model(
     model.to(torch_device)
     model.eval()
     return LoadedModel(spec, model, processor, torch_device, torch_dtype)
+
+
+@contextlib.contextmanager
+def video_slot_may_be_empty() -> Iterator[None]:
+    """Let a processor with a video slot be built with ``video_processor=None``.
+
+    Without torchvision, transformers cannot even check ``None`` against the video-processor
+    class (it is a placeholder that raises ``ImportError``). Images never use that slot.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self: Any, name: str, argument: Any) -> Any:
+        if name == "video_processor" and argument is None:
+            return None
+        return original(self, name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
+
+
+def processor_without_video(source: str, trust_remote_code: bool = False) -> Any:
+    """The saved processor built from its parts, with no video processor; ``None`` if it has
+    no video slot.
+
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V, InternVL and LLaVA-OneVision processors carry a
+    video processor that needs torchvision, so ``AutoProcessor`` fails without it although
+    images never touch it. The image processor (transformers falls back to its PIL version),
+    the tokenizer, the chat template and the processor's own settings (``image_seq_length``,
+    ``num_image_tokens``, ...) are loaded as ``AutoProcessor`` would load them.
+    """
+    import inspect
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    saved = _json_file(source, "processor_config.json")
+    name = saved.get("processor_class") or _json_file(source, "preprocessor_config.json").get("processor_class")
+    if not name:
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        name = PROCESSOR_MAPPING_NAMES.get(getattr(_load_config(ModelSpec(source, source), trust_remote_code),
+                                                   "model_type", ""))
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None or "video_processor" not in cls.get_attributes():
+        return None
+    parts = set(cls.get_attributes()) | {"self", "chat_template", "kwargs"}
+    own = {key: value for key, value in saved.items()
+           if key in inspect.signature(cls.__init__).parameters and key not in parts}
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    template = saved.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    with video_slot_may_be_empty():
+        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                   chat_template=template, **own)
+
+
+def _json_file(source: str, name: str) -> dict[str, Any]:
+    """A JSON file of a local folder or a (cached) hub repo; ``{}`` when it is absent."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return {}
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _first_line(exc: BaseException) -> str:
