@@ -58,6 +58,11 @@ def scores_from_last_logits(last_logits: Any, continuations: list[list[int]]) ->
     return logp[:, ids]
 
 
+#: per-token inputs that continue the last prompt position for appended tokens, as
+#: ``generate`` extends them (Mllama's ``cross_attention_mask``: which tiles a token attends to)
+REPEAT_LAST_POSITION = ("cross_attention_mask",)
+
+
 def scores_by_continuation(
     model: Any, inputs: dict[str, Any], continuations: list[list[int]], extra: dict[str, Any]
 ) -> Any:
@@ -77,8 +82,12 @@ def scores_by_continuation(
             if key in ("input_ids", "attention_mask"):
                 continue
             if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape:
-                # per-token side inputs (e.g. mm_token_type_ids): the answer tokens are text
-                value = torch.cat([value, torch.zeros_like(cont, dtype=value.dtype)], dim=1)
+                if key in REPEAT_LAST_POSITION:  # the answer tokens see what the last prompt token sees
+                    tail = value[:, -1:].expand(-1, len(tokens), *value.shape[2:])
+                else:  # per-token side inputs (e.g. mm_token_type_ids): the answer tokens are text
+                    tail = torch.zeros((batch, len(tokens), *value.shape[2:]), dtype=value.dtype,
+                                       device=value.device)
+                value = torch.cat([value, tail], dim=1)
             kwargs[key] = value
         kwargs.update(extra)
         if "position_ids" in extra:

@@ -213,8 +213,9 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
             loci[name] = _locus(name, features.loci[name].shape[1], pooled, chance, finite=finite,
                                 fold_accuracy=per_fold)
     metric = model_plan.thresholds.metric
-    stage_values = stage_scores(loci, stage_map.consumed_vision_layers, metric)
-    verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, model_plan.thresholds)
+    stage_values = stage_scores(loci, stage_map.consumed_vision_layers, metric, stage_map.llm_entry)
+    verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, model_plan.thresholds,
+                     stage_map.llm_entry)
     return ModelResult(
         label=model_plan.spec.label,
         source=model_plan.spec.source,

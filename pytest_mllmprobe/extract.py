@@ -66,8 +66,8 @@ def _pool_per_image(
     left out when ``drop_cls``), then over the rows (tiles) of each image when ``rows`` counts
     them. ``flat``: the whole batch is one token sequence (``[tokens, hidden]`` as in Qwen2-VL,
     or ``[1, tokens, hidden]`` as in Pixtral); ``rows`` counts the tokens of each image and each
-    image's tokens are averaged. ``mask`` (bool ``[rows, tokens]``, after ``drop_cls``) keeps
-    only real tokens: each image is the mean over all real tokens of its rows.
+    image's tokens are averaged. ``mask`` (bool ``[rows, tokens]``) keeps only the real tokens
+    (it decides about class tokens itself): each image is the mean over the real tokens of its rows.
     """
     import torch
 
@@ -76,9 +76,9 @@ def _pool_per_image(
         what = "tokens"
     elif hidden.dim() >= 3 and not flat:
         tokens = hidden.flatten(1, -2)  # [rows, h, w, hidden] (Aya Vision's connector) -> [rows, h*w, hidden]
-        tokens = tokens[:, 1:] if drop_cls else tokens
-        if mask is not None:
+        if mask is not None:  # the mask marks the real tokens itself (class tokens included or not)
             return _masked_pool(name, tokens, rows, mask)
+        tokens = tokens[:, 1:] if drop_cls else tokens
         pooled = tokens.float().mean(dim=1)
         if rows is None:
             return pooled
@@ -180,7 +180,7 @@ class PoolingHooks:
         names = [f"vision.{i}" for i in range(len(self.stage_map.vision_layers))]
         names.append("connector")
         for i in range(len(self.stage_map.llm_layers)):
-            names += [f"llm.{i}.image", f"llm.{i}.last"]
+            names += [f"llm.{i}.{readout}" for readout in self.stage_map.llm_readouts]
         return names
 
     @contextlib.contextmanager
@@ -231,16 +231,17 @@ class PoolingHooks:
                 return
             import torch
 
-            hidden = _first_tensor(output).float()
-            mask = self._image_mask.to(hidden.device)
-            counts = mask.sum(dim=1, keepdim=True)
-            if bool((counts == 0).any()):
-                raise ExtractionError("a prompt in the batch holds no image tokens")
-            image = (hidden * mask.unsqueeze(-1)).sum(dim=1) / counts
+            hidden = _first_tensor(output)
+            if "image" in self.stage_map.llm_readouts:
+                mask = self._image_mask.to(hidden.device)
+                counts = mask.sum(dim=1, keepdim=True)
+                if bool((counts == 0).any()):
+                    raise ExtractionError("a prompt in the batch holds no image tokens")
+                # float32 accumulation of the image-token sum (bf16/fp16 forwards)
+                image = torch.einsum("bt,bth->bh", mask.float(), hidden.float()) / counts
+                self._store(f"llm.{index}.image", image)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last = hidden[rows, self._last_index.to(hidden.device)]
-            self._store(f"llm.{index}.image", image)
-            self._store(f"llm.{index}.last", last)
+            self._store(f"llm.{index}.last", hidden[rows, self._last_index.to(hidden.device)].float())
 
         return hook
 
@@ -308,7 +309,7 @@ def extract(
     """
     import torch
 
-    if stage_map.image_token_id is None:
+    if stage_map.image_token_id is None and "image" in stage_map.llm_readouts:
         raise ConfigError(
             f"the {stage_map.family!r} config has no image_token_id / image_token_index: the "
             "image-token readout cannot find the image positions"
@@ -334,7 +335,7 @@ def extract(
                 extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
             last_index = last_prompt_index(mask)
             hooks.begin_batch(
-                inputs["input_ids"] == stage_map.image_token_id,
+                inputs["input_ids"] == stage_map.image_token_id if "image" in stage_map.llm_readouts else None,
                 last_index,
                 segments(stage_map, model, inputs),
             )

@@ -8,6 +8,8 @@ Stage rules and the failure mode each one names (METHOD.md):
                    -> fidelity loss in connector projection
   stage.llm        P(llm.0.image) >= min_keep x P(C); FHS_L >= min_fhs_ratio x P(C)
                    -> comprehension deficit in LLM reasoning
+                   (cross-attention models, which have no image tokens: the last-token
+                   readout from the first cross-attention layer on)
   stage.answer     P_final >= min_keep x P(last LLM layer, last readout)
                    -> misalignment of semantic mapping
 """
@@ -33,20 +35,28 @@ NON_FINITE_ANSWER = (
 
 
 def llm_layers(loci: dict[str, LocusResult]) -> int:
-    return len([n for n in loci if n.startswith("llm.") and n.endswith(".image")])
+    return len({n.split(".")[1] for n in loci if n.startswith("llm.")})
 
 
-def stage_scores(loci: dict[str, LocusResult], consumed: tuple[int, ...], metric: str) -> dict[str, float]:
-    """FHS per stage and ``P_final``; FHS_V runs up to the deepest layer the connector reads."""
+def llm_readout(loci: dict[str, LocusResult]) -> str:
+    """The LLM readout the stage rules use: ``image``, or ``last`` where there are no image tokens."""
+    return "image" if any(n.startswith("llm.") and n.endswith(".image") for n in loci) else "last"
+
+
+def stage_scores(
+    loci: dict[str, LocusResult], consumed: tuple[int, ...], metric: str, llm_entry: int = 0
+) -> dict[str, float]:
+    """FHS per stage and ``P_final``; FHS_V runs up to the deepest layer the connector reads,
+    FHS_L from ``llm_entry`` (the first layer that can carry the image) to the last."""
     vision = [loci[f"vision.{i}"].metric(metric) for i in range(max(consumed) + 1)]
-    n_llm = llm_layers(loci)
-    image = [loci[f"llm.{i}.image"].metric(metric) for i in range(n_llm)]
-    last = [loci[f"llm.{i}.last"].metric(metric) for i in range(n_llm)]
+    layers = range(llm_entry, llm_layers(loci))
+    main = [loci[f"llm.{i}.{llm_readout(loci)}"].metric(metric) for i in layers]
+    last = [loci[f"llm.{i}.last"].metric(metric) for i in layers]
     connector = loci["connector"].metric(metric)
     return {
         "FHS_V": feature_health_score(vision),
         "FHS_C": feature_health_score([connector]),
-        "FHS_L": feature_health_score(image),
+        "FHS_L": feature_health_score(main),
         "FHS_L_last": feature_health_score(last),
         "P_final": loci["answer"].metric(metric),
     }
@@ -57,13 +67,14 @@ def judge(
     scores: dict[str, float],
     consumed: tuple[int, ...],
     thresholds: Any,
+    llm_entry: int = 0,
 ) -> dict[str, Verdict]:
     """One verdict per locus test and per stage rule, in pipeline order."""
     metric = thresholds.metric
     verdicts: dict[str, Verdict] = {}
     for name, locus in loci.items():
         verdicts[name] = Verdict(name, locus.stage, name, tuple(_locus_checks(locus, thresholds)))
-    for stage, checks in _stage_checks(loci, scores, consumed, thresholds, metric).items():
+    for stage, checks in _stage_checks(loci, scores, consumed, thresholds, metric, llm_entry).items():
         test = f"stage.{stage}"
         verdicts[test] = Verdict(test, stage, _stage_locus(stage, loci, consumed), tuple(checks))
     return verdicts
@@ -105,7 +116,7 @@ def _stage_locus(stage: str, loci: dict[str, LocusResult], consumed: tuple[int, 
     if stage == "vision":
         return f"vision.{max(consumed)}"
     if stage == "llm":
-        return f"llm.{llm_layers(loci) - 1}.image"
+        return f"llm.{llm_layers(loci) - 1}.{llm_readout(loci)}"
     return stage
 
 
@@ -122,7 +133,7 @@ def _ratio_check(rule: str, metric: str, value: float, ratio: float | None, refe
 
 
 def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consumed: tuple[int, ...],
-                  thresholds: Any, metric: str) -> dict[str, list[Check]]:
+                  thresholds: Any, metric: str, llm_entry: int = 0) -> dict[str, list[Check]]:
     src = thresholds.stage_source
     fed = max(consumed, key=lambda i: loci[f"vision.{i}"].metric(metric))
     fed_value = loci[f"vision.{fed}"].metric(metric)
@@ -154,16 +165,18 @@ def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consum
         "min_keep", metric, p_c, thresholds.stage("connector", "min_keep"), fed_value,
         "P(connector)", f"P(vision.{fed})", src("connector", "min_keep"), "connector",
     )
+    readout = llm_readout(loci)
+    entry = f"llm.{llm_entry}.{readout}"
     checks["llm"] += _ratio_check(
-        "min_keep", metric, loci["llm.0.image"].metric(metric), thresholds.stage("llm", "min_keep"),
-        p_c, "P(llm.0.image)", "P(connector)", src("llm", "min_keep"), "llm.0.image",
+        "min_keep", metric, loci[entry].metric(metric), thresholds.stage("llm", "min_keep"),
+        p_c, f"P({entry})", "P(connector)", src("llm", "min_keep"), entry,
     )
     fhs_ratio = thresholds.stage("llm", "min_fhs_ratio")
     if fhs_ratio is not None:
         checks["llm"] += _ratio_check(
             "min_fhs_ratio", "FHS_L", scores["FHS_L"], fhs_ratio, p_c,
-            "FHS_L (image readout)", "P(connector)", src("llm", "min_fhs_ratio"),
-            f"llm.{n_llm - 1}.image",
+            f"FHS_L ({readout} readout" + (f", llm.{llm_entry} on)" if llm_entry else ")"), "P(connector)",
+            src("llm", "min_fhs_ratio"), f"llm.{n_llm - 1}.{readout}",
         )
     last = loci[f"llm.{n_llm - 1}.last"].metric(metric)
     checks["answer"] += _ratio_check(

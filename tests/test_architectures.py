@@ -49,6 +49,8 @@ EXPECTED = {
                         "model.language_model.layers"),
     "deepseek_vl": ("model.vision_model.encoder.layers", "model.aligner", "model.language_model.layers"),
     "janus": ("model.vision_model.encoder.layers", "model.aligner", "model.language_model.layers"),
+    "mllama": ("model.vision_model.transformer.layers", "model.multi_modal_projector",
+               "model.language_model.layers"),
     "blip-2": ("vision_model.encoder.layers", "language_projection", "language_model.model.decoder.layers"),
     "instructblip": ("vision_model.encoder.layers", "language_projection", "language_model.model.decoder.layers"),
 }
@@ -107,10 +109,17 @@ def test_detection_finds_the_family_stages(family_model) -> None:
     assert stage_map.vision_layers[0] == f"{vision}.0"
     assert stage_map.connector == connector
     assert stage_map.llm_layers[0] == f"{llm}.0"
-    assert len(stage_map.llm_layers) == 2
     assert stage_map.image_token_id == loaded.model.config.image_token_id
-    # InternViT and the BLIP vision model carry a class token; SigLIP, Pixtral and Qwen's ViT do not
-    assert stage_map.drop_cls == (family in ("internvl", "blip-2", "instructblip"))
+    # InternViT, the BLIP vision model and Mllama's ViT carry a class token; SigLIP, Pixtral and Qwen's do not
+    assert stage_map.drop_cls == (family in ("internvl", "blip-2", "instructblip", "mllama"))
+    if family == "mllama":  # local then global vision layers; cross-attention decoder
+        assert stage_map.vision_layers[2:] == ("model.vision_model.global_transformer.layers.0",)
+        assert stage_map.consumed_vision_layers == (0, 1, 2)  # intermediate_layers_indices + the global output
+        assert len(stage_map.llm_layers) == 4 and stage_map.llm_entry == 1
+        assert stage_map.llm_readouts == ("last",) and "llm.1.image" not in stage_map.loci
+    else:
+        assert len(stage_map.llm_layers) == 2 and stage_map.llm_entry == 0
+        assert stage_map.llm_readouts == ("image", "last")
     if family.startswith("qwen") or family == "glm4v":
         assert family not in MASK_POSITION_FAMILIES  # mrope computes its own positions
 
@@ -164,6 +173,12 @@ def test_images_of_one_batch_are_split_by_their_own_patch_or_tile_counts(family_
     inputs = prepare_inputs(loaded.processor, seven_images[:3], [prompt] * 3, "cpu", torch.float32,
                             nested=family(stage_map.family).nested_images)
     split = segments(stage_map, loaded.model, inputs)
+    if split.vision is None and split.vision_mask is not None:  # one row per image, padded tiles (Mllama)
+        tokens = split.vision_mask.sum(1).tolist()
+        assert len(tokens) == 3 and len(set(tokens)) > 1  # 1, 2 or 4 real tiles of 16 patches
+        assert all(n % 16 == 0 for n in tokens)
+        assert split.connector_mask.sum(1).tolist() == [n // 16 * 17 for n in tokens]  # + a class token per tile
+        return
     if split.vision is None:
         assert family(stage_map.family).segments is None
         pytest.skip("one vision row per image")
@@ -187,6 +202,21 @@ def test_images_of_one_batch_are_split_by_their_own_patch_or_tile_counts(family_
             assert list(split.connector) == (inputs["input_ids"] == stage_map.image_token_id).sum(1).tolist()
     else:
         assert split.connector == split.vision
+
+
+def test_cross_attention_layers_are_where_the_image_enters_mllama(seven_images) -> None:
+    """Mllama's text stream holds no image tokens: before the first cross-attention layer the
+    last-token state does not depend on the image, from it on it does."""
+    import torch
+
+    model, processor = tiny_family("mllama", seed=2)
+    loaded = LoadedModel(ModelSpec("mllama", "-"), model, processor, torch.device("cpu"), torch.float32)
+    stage_map = detect_stages(model)
+    prompt = build_prompt(loaded.processor, CLASSES)
+    features = _run(loaded, stage_map, seven_images[:3], [prompt] * 3, batch_size=3)
+    before, entry = features.loci["llm.0.last"], features.loci[f"llm.{stage_map.llm_entry}.last"]
+    np.testing.assert_allclose(before[0], before[1], atol=1e-6)
+    assert np.abs(entry[0] - entry[1]).max() > 1e-4
 
 
 def test_a_model_without_a_vision_encoder_is_a_clear_config_error() -> None:
@@ -215,7 +245,9 @@ def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pyt
         save_processor(processor, pytester.path / family)
         models += ["--mllm-model", str(pytester.path / family)]
     data = write_image_folder(make_images(10, seed=1), pytester.path / "data")
-    result = pytester.runpytest_subprocess(*models, "--mllm-data", str(data), "-p", "no:cacheprovider")
+    junit, report = pytester.path / "junit.xml", pytester.path / "report"
+    result = pytester.runpytest_subprocess(*models, "--mllm-data", str(data), "-p", "no:cacheprovider",
+                                           f"--junitxml={junit}", "--mllm-report", str(report))
     out = result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) + outcomes.get("failed", 0) > 0, out
@@ -228,6 +260,23 @@ def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pyt
         result.stdout.fnmatch_lines([f"{family} ({family}, * test images*",
                                      "*profile: FHS_V * -> FHS_C * -> FHS_L * -> P_final *",
                                      "*probe tests ran, * failed"])
+    import json
+    import xml.etree.ElementTree as ET
+
+    tests: dict[str, set[str]] = {}
+    for case in ET.parse(junit).iter("testcase"):
+        tests.setdefault(case.get("classname"), set()).add(case.get("name"))
+    for family in AUTO_PROCESSOR_FAMILIES:
+        names = tests[f"mllm.{family}"]
+        assert {"connector", "llm.1.last", "stage.llm", "answer"} <= names, family
+        # cross-attention (mllama): no image tokens in the text stream, so no image readout
+        assert ("llm.1.image" in names) == (family != "mllama"), family
+    results = json.loads((report / "results.json").read_text())
+    by_family = {m["stage_map"]["family"]: m for m in results["models"].values()}
+    assert set(by_family) == set(AUTO_PROCESSOR_FAMILIES)
+    assert by_family["mllama"]["stage_map"]["llm_entry"] == 1
+    assert "P(llm.1.last)" in json.dumps(by_family["mllama"]["verdicts"])
+    assert (report / "index.html").is_file()
 
 
 def test_a_flat_stage_output_without_per_image_counts_is_an_error() -> None:

@@ -474,6 +474,43 @@ def _blip_2(instruct: bool = False) -> tuple[Any, Any]:
     return config, processor
 
 
+def _mllama() -> tuple[Any, Any]:
+    from transformers import MllamaConfig, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tokenizer = family_tokenizer("<|image|>", ("<|python_tag|>",))
+    # tiles of 32 px, up to 4 per image (the aspect-ratio ids index the processor's list for 4
+    # tiles, so the config keeps its default list); 16 patches + a class token per tile, padded
+    # to 24 inside the encoder; the projector reads the global output and local blocks 0 and 1
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                  attention_heads=4, image_size=32, patch_size=8, max_num_tiles=4,
+                  intermediate_layers_indices=[0, 1], vision_output_dim=96,
+                  supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+    # layers 1 and 3 are gated cross-attention layers: the only way the text reads the image
+    text = _text(tokenizer, num_hidden_layers=4, cross_attention_layers=[1, 3],
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config = MllamaConfig(text_config=text, vision_config=vision,
+                          image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4,
+                                              image_mean=MEAN, image_std=MEAN)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=chat_template("<|image|>"))
+    return config, processor
+
+
+def _open_gates(model: Any) -> None:
+    """Mllama initialises its tanh gates at zero: the cross-attention layers, the global vision
+    layers and the tile embeddings would then pass nothing. A trained model has them open."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", "gate_attn", "gate_ffn")) or (
+                "vision_model" in name and name.endswith("embedding.gate")
+            ):
+                param.fill_(1.0)
+
+
 BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
     "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
@@ -492,7 +529,11 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "blip-2": _blip_2,
     "instructblip": lambda: _blip_2(instruct=True),
     "mistral3": _mistral3,
+    "mllama": _mllama,
 }
+
+#: what a family's random init needs to behave like a trained model
+AFTER_INIT: dict[str, Callable[[Any], None]] = {"mllama": _open_gates}
 
 FAMILIES = tuple(BUILDERS)
 
@@ -513,5 +554,7 @@ def tiny_family(family: str, *, seed: int = 0) -> tuple[Any, Any]:
     config.tie_word_embeddings = False
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
+    if family in AFTER_INIT:
+        AFTER_INIT[family](model)
     model.eval()
     return model, processor

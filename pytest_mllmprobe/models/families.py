@@ -67,6 +67,16 @@ class Family:
     reads_last_layer: bool = False
     #: ``adjust(inputs) -> inputs``: fixes the processor's output before the forward
     adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    #: layer lists under the vision encoder that form the vision stage, in forward order
+    #: (Mllama: the local encoder, then the global one); empty: the largest layer list
+    vision_layer_lists: tuple[str, ...] = ()
+    #: ``consumed(config, n_vision_layers) -> vision block indices`` the connector reads, for
+    #: families whose config does not say it with ``vision_feature_layer``
+    consumed: Callable[[Any, int], tuple[int, ...]] | None = None
+    #: the language model reads the image through cross-attention layers (Mllama): no image
+    #: tokens in its stream, so only the ``last`` readout exists, and the image reaches it at
+    #: the first cross-attention layer (``llm_entry``)
+    cross_attention: bool = False
 
 
 def _llava_next_segments(stage_map: Any, model: Any, inputs: dict[str, Any]) -> Segments:
@@ -150,6 +160,37 @@ def _token_tile_segments(stage_map: Any, model: Any, inputs: dict[str, Any]) -> 
     return Segments(vision=tiles, connector=tiles)
 
 
+def _mllama_segments(stage_map: Any, model: Any, inputs: dict[str, Any]) -> Segments:
+    """Mllama: one vision row per image holding ``tiles x padded`` tokens: per tile a class
+    token, the patches, then padding up to a multiple of 8; tiles beyond the image's own are
+    padding (``aspect_ratio_mask``). The vision mean is over real patches of real tiles; the
+    connector (``[batch, images, tiles, 1 + patches, hidden]``) over the class and patch tokens
+    of real tiles: what the language model cross-attends to."""
+    import torch
+
+    tiles = inputs.get("aspect_ratio_mask")
+    if tiles is None:
+        return Segments()
+    vision = model.config.vision_config
+    patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    padded = patches + 1 + (8 - (patches + 1) % 8) % 8
+    tiles = tiles.reshape(-1, tiles.shape[-1]).bool()  # [batch x images, tiles]
+    real_patch = torch.zeros(padded, dtype=torch.bool, device=tiles.device)
+    real_patch[1:1 + patches] = True
+    read = torch.ones(patches + 1, dtype=torch.bool, device=tiles.device)
+    return Segments(
+        vision_mask=(tiles[:, :, None] & real_patch).flatten(1),
+        connector_mask=(tiles[:, :, None] & read).flatten(1),
+    )
+
+
+def _mllama_consumed(config: Any, n_layers: int) -> tuple[int, ...]:
+    """The projector reads the last global block and the local blocks of
+    ``intermediate_layers_indices`` (outputs of blocks 0, 1, ...: no embedding entry)."""
+    local = getattr(config.vision_config, "intermediate_layers_indices", None) or ()
+    return tuple(sorted({int(i) for i in local if 0 <= int(i) < n_layers} | {n_layers - 1}))
+
+
 def _right_pad(ids: Any, mask: Any) -> tuple[Any, Any]:
     """Move each row's padding to the end (a left-padded row becomes right-padded)."""
     import torch
@@ -199,6 +240,12 @@ FAMILIES: dict[str, Family] = {
     # BLIP-2: Q-Former + language_projection form the connector; OPT positions follow the mask
     "blip-2": BLIP,
     "instructblip": Family(connector_names=BLIP.connector_names, reads_last_layer=True, adjust=_qformer_right_padded),
+    # Llama 3.2 Vision: local + global vision encoders, a linear projector, cross-attention decoder
+    "mllama": Family(
+        mask_positions=True, nested_images=True, segments=_mllama_segments,
+        vision_layer_lists=("transformer.layers", "global_transformer.layers"), consumed=_mllama_consumed,
+        cross_attention=True,
+    ),
 }
 
 DEFAULT = Family()

@@ -38,6 +38,12 @@ class StageMap:
     drop_cls: bool
     image_token_id: int | None
     notes: tuple[str, ...] = field(default=())
+    #: language-model readouts: ``image`` (mean over image tokens) and ``last``; cross-attention
+    #: models have no image tokens in the stream, so only ``last``
+    llm_readouts: tuple[str, ...] = ("image", "last")
+    #: the first language-model layer whose output can carry the image (0, or a cross-attention
+    #: model's first cross-attention layer): where the LLM stage rules start
+    llm_entry: int = 0
 
     @property
     def loci(self) -> tuple[str, ...]:
@@ -45,7 +51,7 @@ class StageMap:
         names = [f"vision.{i}" for i in range(len(self.vision_layers))]
         names.append("connector")
         for i in range(len(self.llm_layers)):
-            names += [f"llm.{i}.image", f"llm.{i}.last"]
+            names += [f"llm.{i}.{readout}" for readout in self.llm_readouts]
         names.append("answer")
         return tuple(names)
 
@@ -65,6 +71,8 @@ class StageMap:
             "drop_cls": self.drop_cls,
             "image_token_id": self.image_token_id,
             "notes": list(self.notes),
+            "llm_readouts": list(self.llm_readouts),
+            "llm_entry": self.llm_entry,
         }
 
 
@@ -103,7 +111,11 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
     vision = _find_named(modules, VISION_NAMES)
     language = _language_model_path(model, modules)
     connector = overrides.get("connector") or _connector_path(modules, family, vision, language)
-    vision_layers = overrides.get("vision") or (vision and _largest_layer_list(modules, vision))
+    quirks = family_quirks(family)
+    vision_lists = [f"{vision}.{name}" for name in quirks.vision_layer_lists if f"{vision}.{name}" in modules]
+    if overrides.get("vision") or not vision_lists:
+        vision_lists = [overrides.get("vision") or (vision and _largest_layer_list(modules, vision))]
+    vision_layers = vision_lists[0]
     llm_layers = overrides.get("llm") or (language and _largest_layer_list(modules, language))
     missing = [
         name for name, path in (
@@ -117,7 +129,7 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
             raise ConfigError(NO_VISION_ENCODER.format(family=family, cls=type(model).__name__)
                               + " " + _unsupported_message(model, family, missing))
         raise ConfigError(_unsupported_message(model, family, missing))
-    for key, path in (("vision", vision_layers), ("llm", llm_layers)):
+    for key, path in [*(("vision", v) for v in vision_lists), ("llm", llm_layers)]:
         if not _is_layer_list(modules[path]):
             raise ConfigError(
                 f"--mllm-stages {key}={path}: {path!r} is a {type(modules[path]).__name__}, "
@@ -127,9 +139,31 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
     feature_layer = getattr(config, "vision_feature_layer", None)
     if feature_layer is None:
         feature_layer = getattr(config, "vision_feature_layers", None)
-    consumed = _consumed_layers(feature_layer, len(modules[vision_layers]))
+    vision_paths = tuple(f"{path}.{i}" for path in vision_lists for i in range(len(modules[path])))
     notes = []
-    if feature_layer is None and not family_quirks(family).reads_last_layer:
+    if quirks.consumed is not None and "vision" not in overrides:
+        consumed = quirks.consumed(config, len(vision_paths))
+        spans, first = [], 0
+        for path in vision_lists:
+            last = first + len(modules[path]) - 1
+            spans.append(f"{path} (vision.{first}" + (f"-{last})" if last > first else ")"))
+            first = last + 1
+        notes.append("vision stage: " + ", then ".join(spans) + "; the connector reads "
+                     + ", ".join(f"vision.{i}" for i in consumed))
+    else:
+        consumed = _consumed_layers(feature_layer, len(vision_paths))
+    readouts, entry = ("image", "last"), 0
+    if quirks.cross_attention:
+        readouts = ("last",)
+        crossing = getattr(getattr(config, "text_config", config), "cross_attention_layers", None) or [0]
+        entry = min(int(i) for i in crossing)
+        notes.append(
+            "the language model reads the image through cross-attention layers "
+            + ", ".join(str(int(i)) for i in crossing)
+            + ": no image tokens in its stream, so the image readout does not apply; the LLM stage "
+            f"rules use the last-token readout from llm.{entry} on"
+        )
+    if feature_layer is None and quirks.consumed is None and not quirks.reads_last_layer:
         notes.append("no vision_feature_layer in the config: the connector is assumed to read the last vision layer")
     deepstack = getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None)
     if deepstack:
@@ -140,7 +174,7 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
 
     return StageMap(
         family=family,
-        vision_layers=tuple(f"{vision_layers}.{i}" for i in range(len(modules[vision_layers]))),
+        vision_layers=vision_paths,
         connector=connector,
         llm_layers=tuple(f"{llm_layers}.{i}" for i in range(len(modules[llm_layers]))),
         consumed_vision_layers=consumed,
@@ -148,6 +182,8 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
         drop_cls=bool(vision) and _has_class_token(modules, vision),
         image_token_id=_image_token_id(config),
         notes=tuple(notes),
+        llm_readouts=readouts,
+        llm_entry=entry,
     )
 
 

@@ -172,10 +172,10 @@ def _level_line(ax: Any, curve: Curve, attr: str, color: str, style: Any, label:
 
 
 def _consumed(ax: Any, curve: Curve) -> list[Any]:
-    lines = []
-    for x in curve.consumed_x:
-        lines = [ax.axvline(x, color=COLORS["consumed"], linestyle=(0, (4, 2, 1, 2)), linewidth=1.4,
-                            zorder=1.5, label=f"vision layer the connector reads (vision.{curve.ticks[x]})")]
+    read = ", ".join(f"vision.{curve.ticks[x]}" for x in curve.consumed_x)
+    what = "vision layers the connector reads" if len(curve.consumed_x) > 1 else "vision layer the connector reads"
+    lines = [ax.axvline(x, color=COLORS["consumed"], linestyle=(0, (4, 2, 1, 2)), linewidth=1.4, zorder=1.5,
+                        label=f"{what} ({read})") for x in curve.consumed_x]
     return lines[:1]
 
 
@@ -189,7 +189,8 @@ def _probe_lines(ax: Any, curve: Curve) -> list[Any]:
     path = [p for p in main if p not in unused]
     if path:
         (line,) = ax.plot(*_xy(path), color=COLORS["image"], marker="o", markersize=4, linewidth=2,
-                          zorder=4, label="probe: vision, connector, LLM image tokens")
+                          zorder=4, label="probe: vision, connector" + (
+                              ", LLM image tokens" if any(p.stage == "llm" for p in path) else ""))
         handles.append(line)
     if unused:
         branch = [p for p in path if p.x == cut][:1] + unused
