@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,13 @@ class ModelPlan:
     @property
     def loci(self) -> tuple[str, ...]:
         return self.stage_map.loci
+
+    def stage_overrides(self, settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
+        """Module paths that replace detection, with where each was written: the model's
+        ``modules`` section of the threshold files, then ``--mllm-stages`` (which wins)."""
+        paths = {**self.thresholds.modules, **settings.stages}
+        sources = {k: v for k, v in self.thresholds.module_sources.items() if k not in settings.stages}
+        return paths, sources
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,10 @@ def plan(settings: Settings) -> Plan:
     models = []
     for spec in specs:
         structure = load_structure(spec, trust_remote_code=settings.trust_remote_code)
-        stage_map = detect_stages(structure, settings.stages)
+        unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source))
+        stage_map = detect_stages(structure, *unmapped.stage_overrides(settings))
         del structure
-        models.append(ModelPlan(spec, stage_map, threshold_set.for_model(spec.label, spec.source)))
+        models.append(replace(unmapped, stage_map=stage_map))
     return Plan(settings, dataset, train, test, tuple(models), folds)
 
 
@@ -129,7 +137,7 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
                 model_plan.spec, device=settings.device, dtype=settings.dtype,
                 trust_remote_code=settings.trust_remote_code,
             )
-        stage_map = detect_stages(loaded.model, settings.stages)
+        stage_map = detect_stages(loaded.model, *model_plan.stage_overrides(settings))
         timings["load_s"] = time.perf_counter() - start
         prompt = build_prompt(loaded.processor, spoken, dataset.prompt or DEFAULT_QUESTION)
         tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)

@@ -53,7 +53,9 @@ UNBOUNDED_KEYS = ("min_fhs",)
 #: Comparison with a baseline or a reference model (``--mllm-baseline``, ``--mllm-compare-to``).
 REGRESSION_KEYS = ("max_drop", "alpha")
 TOP_KEYS = ("version", "metric", "locus", "loci", "stages", "regression", "models")
-MODEL_KEYS = ("metric", "locus", "loci", "stages", "regression")
+MODEL_KEYS = ("metric", "locus", "loci", "stages", "regression", "modules")
+#: Module paths that override stage detection for a model (as ``--mllm-stages``).
+MODULE_KEYS = ("vision", "connector", "llm")
 #: First dot-separated part of every locus name (``vision.3``, ``llm.5.image``, ...).
 LOCUS_ROOTS = ("vision", "connector", "llm", "answer")
 
@@ -94,6 +96,9 @@ class Thresholds:
     locus_sources: dict[str, str] = field(default_factory=dict)
     regression: dict[str, float | None] = field(default_factory=dict)
     regression_sources: dict[str, str] = field(default_factory=dict)
+    #: ``models.<glob>.modules``: stage module paths for this model (``vision``, ``connector``, ``llm``)
+    modules: dict[str, str] = field(default_factory=dict)
+    module_sources: dict[str, str] = field(default_factory=dict)
 
     def for_locus(self, locus: str) -> LocusRule:
         """The defaults, then every ``loci`` glob that matches ``locus``, in order."""
@@ -135,6 +140,7 @@ class Thresholds:
             "locus_sources": dict(self.locus_sources),
             "regression": dict(self.regression),
             "regression_sources": dict(self.regression_sources),
+            "modules": dict(self.modules),
         }
 
 
@@ -172,6 +178,7 @@ class _Section:
     loci: tuple[tuple[str, dict[str, float | None], str], ...] = ()
     stages: dict[str, dict[str, Value]] = field(default_factory=dict)
     regression: dict[str, Value] = field(default_factory=dict)
+    modules: dict[str, Value] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -217,12 +224,14 @@ class ThresholdSet:
         locus: dict[str, Value] = {k: (None, "built-in fallback") for k in LOCUS_KEYS}
         stages = {s: {k: (None, "built-in fallback") for k in keys} for s, keys in STAGE_KEYS.items()}
         regression: dict[str, Value] = {k: (None, "built-in fallback") for k in REGRESSION_KEYS}
+        modules: dict[str, Value] = {}
         loci: list[tuple[str, dict[str, float | None], str]] = []
         matching = self._matching(label, model_id)
         for section in [f.base for f in self._files] + [s for s, _ in matching]:
             metric = section.metric or metric
             locus.update(section.locus)
             regression.update(section.regression)
+            modules.update(section.modules)
             for stage, values in section.stages.items():
                 stages[stage].update(values)
             loci.extend(section.loci)
@@ -242,6 +251,8 @@ class ThresholdSet:
             locus_sources=locus_sources,
             regression={k: v[0] for k, v in regression.items()},
             regression_sources={k: v[1] for k, v in regression.items()},
+            modules={k: v[0] for k, v in modules.items()},
+            module_sources={k: v[1] for k, v in modules.items()},
         )
 
 
@@ -355,7 +366,7 @@ def _parse(name: str, text: str) -> _File:
             f"{name}: the top level must be a mapping of keys ({', '.join(TOP_KEYS)}), "
             f"got {_describe(data)}"
         )
-    _check_keys(name, data, "", TOP_KEYS)
+    _check_keys(name, data, "", TOP_KEYS, extra=_top_key_hint)
     if "version" in data:
         version = data["version"]
         if type(version) is not int or version != VERSION:
@@ -419,7 +430,19 @@ def _section(name: str, data: Mapping[str, Any], prefix: str) -> _Section:
                     "e.g. 0.05 for a 5% false-alarm rate per model"
                 )
             regression[key] = (number, f"{name}: {path}.{key}")
-    return _Section(metric, locus, tuple(loci), stages, regression)
+    modules: dict[str, Value] = {}
+    if "modules" in data:  # only in a models section (checked by the caller's key list)
+        path = at("modules")
+        entry = _mapping(name, data["modules"], path)
+        _check_keys(name, entry, path, MODULE_KEYS)
+        for key, value in entry.items():
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(
+                    f"{name}: {path}.{key} must be a module path such as "
+                    f"'model.language_model.layers', got {_describe(value)}"
+                )
+            modules[key] = (value.strip(), f"{name}: {path}.{key}")
+    return _Section(metric, locus, tuple(loci), stages, regression, modules)
 
 
 def _rule(name: str, data: Any, path: str) -> dict[str, float | None]:
@@ -483,6 +506,12 @@ def _check_keys(name: str, data: Mapping[str, Any], path: str, valid: Iterable[s
 def _model_key_hint(key: str) -> str:
     if key in ("version", "models"):
         return f" ('{key}' is allowed only at the top level of the file)"
+    return ""
+
+
+def _top_key_hint(key: str) -> str:
+    if key == "modules":
+        return " ('modules' names one model's stage modules: put it in a models section)"
     return ""
 
 

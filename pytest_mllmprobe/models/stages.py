@@ -86,16 +86,24 @@ NO_VISION_ENCODER = (
 )
 
 
-def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageMap:
+def detect_stages(
+    model: Any, overrides: dict[str, str] | None = None, sources: dict[str, str] | None = None
+) -> StageMap:
     """Detect the stages of a transformers vision-language model (loaded or on ``meta``).
 
     ``overrides`` maps ``vision`` / ``llm`` to the path of a layer list and ``connector`` to
-    the path of the connector module; they win over detection.
+    the path of the connector module; they win over detection. ``sources`` names where each
+    override was written (``"gates.yaml: models.hulu.modules.llm"``) for error messages;
+    the default is the ``--mllm-stages`` option.
     """
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)
     modules = dict(model.named_modules())
     overrides = dict(overrides or {})
+
+    def where(key: str, path: str) -> str:
+        return (sources or {}).get(key, f"--mllm-stages {key}={path}")
+
     for key, path in overrides.items():
         if key not in OVERRIDE_KEYS:
             raise ConfigError(
@@ -104,7 +112,7 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
             )
         if path not in modules:
             raise ConfigError(
-                f"--mllm-stages {key}={path}: this model has no module {path!r}"
+                f"{where(key, path)}: this model has no module {path!r}"
                 f"{close_matches(path, [p for p in modules if p])}"
             )
 
@@ -125,14 +133,15 @@ def detect_stages(model: Any, overrides: dict[str, str] | None = None) -> StageM
         ) if not path
     ]
     if missing:
-        if not vision and "vision" not in overrides:
+        found = {"vision": vision_layers, "connector": connector, "llm": llm_layers}
+        if not vision and "vision" not in overrides and len(_layer_lists(modules)) < 2:
             raise ConfigError(NO_VISION_ENCODER.format(family=family, cls=type(model).__name__)
-                              + " " + _unsupported_message(model, family, missing))
-        raise ConfigError(_unsupported_message(model, family, missing))
+                              + " " + _unsupported_message(model, family, missing, modules, found))
+        raise ConfigError(_unsupported_message(model, family, missing, modules, found))
     for key, path in [*(("vision", v) for v in vision_lists), ("llm", llm_layers)]:
         if not _is_layer_list(modules[path]):
             raise ConfigError(
-                f"--mllm-stages {key}={path}: {path!r} is a {type(modules[path]).__name__}, "
+                f"{where(key, path)}: {path!r} is a {type(modules[path]).__name__}, "
                 "not a list of layers (nn.ModuleList); give the path of the layer list"
             )
 
@@ -281,15 +290,47 @@ def _image_token_id(config: Any) -> int | None:
     return None
 
 
-def _unsupported_message(model: Any, family: str, missing: list[str]) -> str:
+def _layer_lists(modules: dict[str, Any]) -> list[tuple[str, int]]:
+    """Every non-empty ``nn.ModuleList`` that is not inside another one: ``(path, length)``."""
+    lists: list[tuple[str, int]] = []
+    for path, module in modules.items():
+        if path and _is_layer_list(module) and not any(path.startswith(p + ".") for p, _ in lists):
+            lists.append((path, len(module)))
+    return lists
+
+
+def _unsupported_message(model: Any, family: str, missing: list[str], modules: dict[str, Any],
+                         found: dict[str, str | None]) -> str:
+    lists = _layer_lists(modules)
     top = [name for name, _ in model.named_children()]
-    inner = []
-    for name, child in model.named_children():
-        inner += [f"{name}.{n}" for n, _ in child.named_children()]
-    found = ", ".join(top + inner[:20]) or "(no sub-modules)"
+    inner = [f"{name}.{n}" for name, child in model.named_children() for n, _ in child.named_children()]
+    layer_text = ", ".join(f"{path} ({n})" for path, n in lists) or "none"
+    # an override to start from: what was found, else the layer lists and modules that are left
+    spare = [path for path, _ in lists if path not in (found.get("vision"), found.get("llm"))]
+    llm = found.get("llm") or (spare.pop(-1) if spare else "<layer list>")
+    vision = found.get("vision") or (spare.pop(0) if spare else "<layer list>")
+    connector = found.get("connector") or _connector_guess(modules, vision, llm)
     return (
-        f"cannot find the {', '.join(missing)} of this {family!r} model "
-        f"({type(model).__name__}); its modules are: {found}. Name the stages yourself, e.g. "
-        "--mllm-stages vision=model.vision_tower.encoder.layers,"
-        "connector=model.multi_modal_projector,llm=model.language_model.layers"
+        f"cannot find the {', '.join(missing)} of this {family!r} model ({type(model).__name__}). "
+        f"Its layer lists (length): {layer_text}; its modules: {', '.join(top + inner[:20]) or '(none)'}. "
+        f"Name the stages yourself, e.g. --mllm-stages vision={vision},connector={connector},llm={llm} "
+        "(or a 'modules:' entry in the model's section of a threshold file; see docs/architectures.md)"
     )
+
+
+def _connector_guess(modules: dict[str, Any], vision: str, llm: str) -> str:
+    """A module with parameters beside the vision encoder and the language model (the children
+    of their common ancestor, other than the two branches): where connectors sit."""
+    common = []
+    for a, b in zip(vision.split("."), llm.split(".")):
+        if a != b:
+            break
+        common.append(a)
+    parent = ".".join(common)
+    branches = [".".join(p.split(".")[: len(common) + 1]) for p in (vision, llm)]
+    for path, module in modules.items():
+        inside = path.startswith(parent + ".") if parent else bool(path)
+        if inside and path.count(".") == len(common) and path not in branches \
+                and not _is_layer_list(module) and any(True for _ in module.parameters()):
+            return path
+    return "<module>"
