@@ -129,6 +129,8 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     stage_map = model_plan.stage_map
     generated: list[str] | None = None
 
+    halved: list[int] = []
+
     def compute() -> Any:
         nonlocal stage_map, generated
         start = time.perf_counter()
@@ -150,8 +152,12 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
             continuations=continuations,
             batch_size=settings.batch_size, device=loaded.device, dtype=loaded.dtype,
             progress=(lambda done, total: progress(model_plan.spec.label, done, total)) if progress else None,
+            on_oom=halved.append,
         )
         timings["extract_s"] = time.perf_counter() - start
+        if halved:  # out of memory: the batch size was halved (reported in the summary)
+            timings.update(oom_halvings=float(len(halved)), batch_size_asked=float(settings.batch_size),
+                           batch_size=float(halved[-1]))
         if settings.answer == "generate":
             from .answer import generate_answers
 

@@ -32,6 +32,8 @@ class Features:
 
     loci: dict[str, np.ndarray]
     answer_scores: np.ndarray
+    #: the batch size the extraction finished with (smaller than asked after out-of-memory)
+    batch_size: int | None = None
 
     @property
     def n_images(self) -> int:
@@ -300,12 +302,14 @@ def extract(
     dtype: Any,
     progress: Callable[[int, int], None] | None = None,
     padding_side: str = "left",
+    on_oom: Callable[[int], None] | None = None,
 ) -> Features:
     """Pooled features of every locus and answer scores for ``len(prompts)`` images.
 
     ``images(indices)`` returns the PIL images of those sample indices, so images are read one
     batch at a time. Left padding is the default (the answer's continuation scoring needs it);
-    right padding gives the same features.
+    right padding gives the same features. Out of memory halves the batch size and retries the
+    same images (``on_oom(new_batch_size)`` is told); at batch size 1 it is an error.
     """
     import torch
 
@@ -321,46 +325,81 @@ def extract(
     collected: dict[str, np.ndarray] = {}
     scores: list[Any] = []
     with PoolingHooks(model, stage_map) as hooks, torch.inference_mode():
-        for start in range(0, n, batch_size):
+        start = 0
+        while start < n:
             index = list(range(start, min(start + batch_size, n)))
-            inputs = prepare_inputs(
-                processor, images(index), [prompts[i] for i in index], device, dtype, padding_side,
-                nested=quirks.nested_images,
-            )
-            if quirks.adjust is not None:
-                inputs = quirks.adjust(inputs)
-            mask = inputs["attention_mask"]
-            extra: dict[str, Any] = {}
-            if quirks.mask_positions:
-                extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            last_index = last_prompt_index(mask)
-            hooks.begin_batch(
-                inputs["input_ids"] == stage_map.image_token_id if "image" in stage_map.llm_readouts else None,
-                last_index,
-                segments(stage_map, model, inputs),
-            )
-            left_padded = bool((last_index == mask.shape[1] - 1).all())
-            # Left padding puts every row's last prompt token at the end: only its logits are needed.
-            out = model(**inputs, **extra, logits_to_keep=1 if left_padded else 0)
-            for name, value in hooks.end_batch().items():
+            try:
+                pooled, batch_scores = _one_batch(
+                    model, processor, stage_map, hooks, quirks, images(index), [prompts[i] for i in index],
+                    continuations, device, dtype, padding_side,
+                )
+            except torch.OutOfMemoryError as exc:
+                if batch_size == 1:
+                    raise ExtractionError(
+                        "out of memory with batch size 1: use --mllm-dtype bfloat16, a larger GPU, "
+                        "several GPUs (--mllm-device-map auto) or --mllm-device cpu"
+                    ) from exc
+                _free_accelerator_memory()
+                batch_size = max(1, batch_size // 2)
+                if on_oom is not None:
+                    on_oom(batch_size)
+                continue  # the same images again, in smaller batches
+            for name, value in pooled.items():
                 if name not in collected:
                     collected[name] = np.empty((n, value.shape[1]), dtype=np.float32)
                 collected[name][index[0]:index[-1] + 1] = value.numpy()
-            if left_padded:
-                last_logits = out.logits[:, -1]
-            else:
-                rows = torch.arange(mask.shape[0], device=out.logits.device)
-                last_logits = out.logits[rows, last_index.to(out.logits.device)]
-            if single_token(continuations):
-                batch_scores = scores_from_last_logits(last_logits, continuations)
-            elif not left_padded:
-                raise ExtractionError("multi-token class names are scored on left-padded prompts only")
-            else:
-                with hooks.paused():
-                    batch_scores = scores_by_continuation(model, inputs, continuations, extra)
-            scores.append(batch_scores.float().cpu())
-            del out
+            scores.append(batch_scores)
+            start = index[-1] + 1
             if progress is not None:
-                progress(index[-1] + 1, n)
-    loci = collected
-    return Features(loci=loci, answer_scores=torch.cat(scores).numpy())
+                progress(start, n)
+    return Features(loci=collected, answer_scores=torch.cat(scores).numpy(), batch_size=batch_size)
+
+
+def _one_batch(
+    model: Any, processor: Any, stage_map: StageMap, hooks: PoolingHooks, quirks: Any, images: list[Any],
+    prompts: list[str], continuations: list[list[int]], device: Any, dtype: Any, padding_side: str,
+) -> tuple[dict[str, Any], Any]:
+    """One forward with the hooks on: the pooled loci and the answer scores of one batch."""
+    import torch
+
+    inputs = prepare_inputs(processor, images, prompts, device, dtype, padding_side, nested=quirks.nested_images)
+    if quirks.adjust is not None:
+        inputs = quirks.adjust(inputs)
+    mask = inputs["attention_mask"]
+    extra: dict[str, Any] = {}
+    if quirks.mask_positions:
+        extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    last_index = last_prompt_index(mask)
+    hooks.begin_batch(
+        inputs["input_ids"] == stage_map.image_token_id if "image" in stage_map.llm_readouts else None,
+        last_index,
+        segments(stage_map, model, inputs),
+    )
+    left_padded = bool((last_index == mask.shape[1] - 1).all())
+    # Left padding puts every row's last prompt token at the end: only its logits are needed.
+    out = model(**inputs, **extra, logits_to_keep=1 if left_padded else 0)
+    pooled = hooks.end_batch()
+    if left_padded:
+        last_logits = out.logits[:, -1]
+    else:
+        rows = torch.arange(mask.shape[0], device=out.logits.device)
+        last_logits = out.logits[rows, last_index.to(out.logits.device)]
+    del out
+    if single_token(continuations):
+        batch_scores = scores_from_last_logits(last_logits, continuations)
+    elif not left_padded:
+        raise ExtractionError("multi-token class names are scored on left-padded prompts only")
+    else:
+        with hooks.paused():
+            batch_scores = scores_by_continuation(model, inputs, continuations, extra)
+    return pooled, batch_scores.float().cpu()
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -150,6 +150,12 @@ def model_summary(result: Any) -> dict[str, Any]:
         "scores": {k: _round(v) for k, v in result.scores.items()},
         "answers": answers_line(result),
         "cached": bool(result.timings.get("cache")),
+        "memory": (
+            f"out of memory at batch size {int(result.timings['batch_size_asked'])}: halved "
+            f"{int(result.timings['oom_halvings'])} time(s), finished with batch size "
+            f"{int(result.timings['batch_size'])}"
+            if result.timings.get("oom_halvings") else None
+        ),
     }
 
 

@@ -437,6 +437,8 @@ class ProbeReporter:
             tr.write_line(f"  profile: {summary['profile']}")
             if summary.get("answers"):
                 tr.write_line(f"  {summary['answers']}")
+            if summary.get("memory"):
+                tr.write_line(f"  {summary['memory']}", yellow=True)
             healthy = summary["first_failing_stage"] is None
             tr.write_line(f"  {summary['diagnosis']}", red=not healthy, green=healthy)
             tr.write_line(f"  {len(outcomes)} probe tests ran, {failed} failed")

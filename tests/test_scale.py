@@ -7,7 +7,14 @@ import multiprocessing
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pytest_mllmprobe.answer import class_continuations
+from pytest_mllmprobe.data import load_image, load_image_folder
+from pytest_mllmprobe.extract import extract
+from pytest_mllmprobe.models import detect_stages, load_model, resolve_model
+from pytest_mllmprobe.prompts import build_prompt
 
 RUN = ("-p", "no:cacheprovider")
 
@@ -66,3 +73,44 @@ def test_xdist_gives_the_serial_results(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=18)
     assert _figures(parallel) == _figures(serial)
     assert len(list((pytester.path / "features").glob("*.npz"))) == 1
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_features(tiny_llava_dir: Path, lesion_data: Path) -> None:
+    """A forward that runs out of memory above 2 images: the batch of 8 becomes 4, then 2."""
+    import torch
+
+    from pytest_mllmprobe.extract import ExtractionError
+
+    images = [load_image(p) for p in load_image_folder(lesion_data).paths[:7]]
+    loaded = load_model(resolve_model(str(tiny_llava_dir)), device="cpu", dtype="float32")
+    stage_map = detect_stages(loaded.model)
+    prompt = build_prompt(loaded.processor, ["normal", "benign", "malignant"])
+    continuations = class_continuations(loaded.processor.tokenizer, prompt, ["normal", "benign", "malignant"])
+
+    def run(batch_size: int, on_oom=None):
+        return extract(loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx],
+                       [prompt] * 7, continuations, batch_size=batch_size, device="cpu", dtype=torch.float32,
+                       on_oom=on_oom)
+
+    reference = run(2)
+    original = type(loaded.model).forward
+
+    def small_memory(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+        return original(self, *args, **kwargs)
+
+    halved: list[int] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(loaded.model), "forward", small_memory)
+        features = run(8, halved.append)
+        assert halved == [4, 2] and features.batch_size == 2
+        for name, values in reference.loci.items():
+            np.testing.assert_allclose(features.loci[name], values, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(features.answer_scores, reference.answer_scores, rtol=1e-5, atol=1e-6)
+        patch.setattr(type(loaded.model), "forward",
+                      lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("planted")))
+        with pytest.raises(ExtractionError, match="out of memory with batch size 1"):
+            run(2)
+    assert not [h for m in loaded.model.modules() for h in m._forward_hooks.values()
+                if getattr(h, "__qualname__", "").startswith("PoolingHooks.")]  # removed after the error
