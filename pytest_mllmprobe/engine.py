@@ -137,7 +137,7 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
         with quiet_transformers():
             loaded = load_model(
                 model_plan.spec, device=settings.device, dtype=settings.dtype,
-                trust_remote_code=settings.trust_remote_code,
+                trust_remote_code=settings.trust_remote_code, device_map=settings.device_map,
             )
         stage_map = detect_stages(loaded.model, *model_plan.stage_overrides(settings))
         timings["load_s"] = time.perf_counter() - start

@@ -9,6 +9,7 @@ from .errors import ConfigError
 
 DEVICE_HINT = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 PROBES = ("linear", "mlp")
 ANSWER_MODES = ("likelihood", "generate")
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
@@ -26,6 +27,7 @@ class Settings:
     data: str | None = None
     thresholds: tuple[str, ...] = ()
     device: str = "auto"
+    device_map: str | None = None
     dtype: str = "auto"
     batch_size: int = 8
     max_samples: int | None = None
@@ -52,6 +54,8 @@ class Settings:
             raise ConfigError(f"--mllm-max-samples {self.max_samples} must be at least 1 (omit it to use every image)")
         if not 0.0 < self.test_size < 1.0:
             raise ConfigError(f"--mllm-test-size {self.test_size} must be between 0 and 1 (exclusive), e.g. 0.3")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ConfigError(f"--mllm-device-map {self.device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--mllm-dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.probe not in PROBES:

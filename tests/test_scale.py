@@ -114,3 +114,85 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_features(tiny_llava_d
             run(2)
     assert not [h for m in loaded.model.modules() for h in m._forward_hooks.values()
                 if getattr(h, "__qualname__", "").startswith("PoolingHooks.")]  # removed after the error
+
+
+@pytest.mark.parametrize("worker, count, expected", [
+    ("gw0", 4, "cuda:0"), ("gw5", 4, "cuda:1"), ("gw3", 1, "cuda:0"), (None, 4, "cuda:0"), ("", 2, "cuda:0"),
+])
+def test_xdist_workers_are_pinned_to_different_gpus(monkeypatch: pytest.MonkeyPatch, worker, count, expected) -> None:
+    import torch
+
+    from pytest_mllmprobe.models.load import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    if worker is None:
+        assert str(pick_device("auto")) == expected
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw2")
+        assert str(pick_device("auto")) == ("cuda:2" if count > 2 else "cuda:0")
+    else:
+        assert str(pick_device("auto", worker)) == expected
+    assert str(pick_device("cuda:3", "gw1")) == "cuda:3"  # an explicit device is never moved
+
+
+def _features(loaded, images, batch_size=4):
+    stage_map = detect_stages(loaded.model)
+    names = ["normal", "benign", "malignant"]
+    prompt = build_prompt(loaded.processor, names)
+    return extract(loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx],
+                   [prompt] * len(images), class_continuations(loaded.processor.tokenizer, prompt, names),
+                   batch_size=batch_size, device=loaded.device, dtype=loaded.dtype)
+
+
+def test_device_map_loading_gives_the_same_features(tiny_llava_dir: Path, lesion_data: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--mllm-device-map auto`` goes through accelerate; on a CPU-only machine every weight
+    stays on the CPU, so the features must be those of a plain load."""
+    pytest.importorskip("accelerate", reason="--mllm-device-map needs accelerate (the [gpu] extra)")
+    images = [load_image(p) for p in load_image_folder(lesion_data).paths[:5]]
+    spec = resolve_model(str(tiny_llava_dir))
+    plain = _features(load_model(spec, device="cpu", dtype="float32"), images)
+    from transformers import AutoModelForImageTextToText
+
+    asked: list[object] = []
+    real_load = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real_load(cls, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(spy))
+        mapped_model = load_model(spec, device="cpu", dtype="float32", device_map="auto")
+    assert asked == ["auto"] and mapped_model.device.type == "cpu"  # inputs go to the embeddings' device
+    mapped = _features(mapped_model, images)
+    for name, values in plain.loci.items():
+        np.testing.assert_allclose(mapped.loci[name], values, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    import importlib.util
+
+    from pytest_mllmprobe.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"--mllm-device-map auto needs the accelerate package: pip install"):
+        load_model(spec, device="cpu", device_map="auto")
+
+
+def test_bfloat16_forward_pools_in_float32(tiny_llava_dir: Path, lesion_data: Path) -> None:
+    """A bf16 model: the pooled features are float32 and close to the float32 model's (the
+    pooling accumulates in float32; bf16 has ~3 significant digits per activation)."""
+    images = [load_image(p) for p in load_image_folder(lesion_data).paths[:6]]
+    spec = resolve_model(str(tiny_llava_dir))
+    full = _features(load_model(spec, device="cpu", dtype="float32"), images)
+    half = _features(load_model(spec, device="cpu", dtype="bfloat16"), images)
+    for name, values in full.loci.items():
+        assert half.loci[name].dtype == np.float32, name
+        assert np.isfinite(half.loci[name]).all(), name
+        scale = np.abs(values).max()
+        assert np.abs(half.loci[name] - values).max() <= 0.05 * scale, name
+        # the images stay told apart as in float32: same pairwise ordering of distances
+        d_full = np.linalg.norm(values[:, None] - values[None], axis=-1)
+        d_half = np.linalg.norm(half.loci[name][:, None] - half.loci[name][None], axis=-1)
+        assert np.corrcoef(d_full.ravel(), d_half.ravel())[0, 1] > 0.95, name

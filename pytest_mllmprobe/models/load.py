@@ -102,12 +102,22 @@ def load_structure(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
         ) from exc
 
 
-def pick_device(device: str) -> Any:
-    """``auto`` = the first CUDA device when there is one, else the CPU."""
+def pick_device(device: str, worker: str | None = None) -> Any:
+    """``auto`` = a CUDA device when there is one, else the CPU.
+
+    Under pytest-xdist (``worker`` = ``PYTEST_XDIST_WORKER``, e.g. ``gw3``) with several GPUs,
+    ``auto`` pins worker ``gwN`` to GPU ``N mod count``, so workers extracting different models
+    run on different GPUs.
+    """
     import torch
 
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        worker = os.environ.get("PYTEST_XDIST_WORKER") if worker is None else worker
+        count = torch.cuda.device_count()
+        match = re.fullmatch(r"gw(\d+)", worker or "")
+        return torch.device("cuda", int(match.group(1)) % count if match and count > 1 else 0)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--mllm-device {device!r} asked for CUDA, but torch sees no GPU; use cpu or auto")
     try:
@@ -128,12 +138,24 @@ def pick_dtype(dtype: str, device: Any) -> Any:
 
 
 def load_model(
-    spec: ModelSpec, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    spec: ModelSpec, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load processor and weights (``AutoProcessor`` + ``AutoModelForImageTextToText``), eval mode."""
+    """Load processor and weights (``AutoProcessor`` + ``AutoModelForImageTextToText``), eval mode.
+
+    ``device_map`` (``auto``, ...) spreads the weights over the GPUs with accelerate; inputs
+    then go to the device of the input embeddings and ``device`` only picks the dtype.
+    """
+    import importlib.util
+
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _load_config(spec, trust_remote_code)  # clear messages for missing/remote-code models
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ConfigError(
+            f"--mllm-device-map {device_map} needs the accelerate package: pip install 'pytest-mllmprobe[gpu]' "
+            "(or pip install accelerate)"
+        )
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     try:
@@ -153,14 +175,18 @@ def load_model(
             ) from exc
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            spec.source, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            spec.source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **({"device_map": device_map} if device_map is not None else {}),
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"--mllm-model {spec.source!r}: cannot load its weights with "
             f"AutoModelForImageTextToText: {_first_line(exc)}"
         ) from exc
-    model.to(torch_device)
+    if device_map is None:
+        model.to(torch_device)
+    else:  # the inputs go where the first layer is; hooks move every pooled output to the CPU
+        torch_device = model.get_input_embeddings().weight.device
     model.eval()
     return LoadedModel(spec, model, processor, torch_device, torch_dtype)
 
