@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,25 @@ class Verdict:
         }
 
 
+def diagnosis_text(failing: Sequence[str], comparison: Mapping[str, Any] | None = None) -> str:
+    """The one-line verdict from the failing stages (pipeline order) and a comparison, if any."""
+    if not failing:
+        text = "all stages pass"
+    else:
+        text = f"first failing stage: {failing[0]} ({FAILURE_MODES.get(failing[0], '?')})"
+        if failing[1:]:
+            text += f"; downstream also failing: {', '.join(failing[1:])}"
+    if comparison is not None:
+        regressed, against = comparison.get("regressed_stages") or [], comparison.get("against", "?")
+        if not regressed:
+            text += f"; no regression vs {against}"
+        else:
+            text += f"; root cause of the regression vs {against}: {regressed[0]}"
+            if regressed[1:]:
+                text += f" (inherited downstream: {', '.join(regressed[1:])})"
+    return text
+
+
 @dataclass
 class ModelResult:
     """Everything measured for one model."""
@@ -165,24 +185,7 @@ class ModelResult:
 
     @property
     def diagnosis(self) -> str:
-        first = self.first_failing_stage
-        if first is None:
-            text = "all stages pass"
-        else:
-            text = f"first failing stage: {first} ({FAILURE_MODES[first]})"
-            downstream = self.failing_stages[1:]
-            if downstream:
-                text += f"; downstream also failing: {', '.join(downstream)}"
-        if self.comparison is not None:
-            regressed = self.comparison["regressed_stages"]
-            against = self.comparison["against"]
-            if not regressed:
-                text += f"; no regression vs {against}"
-            else:
-                text += f"; root cause of the regression vs {against}: {regressed[0]}"
-                if regressed[1:]:
-                    text += f" (inherited downstream: {', '.join(regressed[1:])})"
-        return text
+        return diagnosis_text(self.failing_stages, self.comparison)
 
     def to_dict(self) -> dict[str, Any]:
         return {

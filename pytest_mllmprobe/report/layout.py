@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..health import FAILURE_MODES, STAGE_ORDER
+from ..health import STAGE_ORDER
+from ..results import diagnosis_text
 
 STAGE_TITLES = {
     "vision": "vision encoder",
@@ -150,27 +151,13 @@ def failing_stages(model: dict[str, Any]) -> list[str]:
 
 def diagnosis(model: dict[str, Any]) -> str:
     """The one-line verdict: the dict's ``diagnosis`` if it has one, else rebuilt from the dict
-    with the wording of ``ModelResult.diagnosis``."""
+    by the same function as ``ModelResult.diagnosis``."""
     if isinstance(model.get("diagnosis"), str):
         return model["diagnosis"]
-    first = model.get("first_failing_stage")
-    if first is None:
-        text = "all stages pass" if model.get("verdicts") else "no verdicts recorded"
-    else:
-        text = f"first failing stage: {first} ({FAILURE_MODES.get(first, model.get('failure_mode') or '?')})"
-        downstream = [s for s in failing_stages(model) if s != first and stage_rank(s) > stage_rank(first)]
-        if downstream:
-            text += f"; downstream also failing: {', '.join(downstream)}"
+    if not model.get("verdicts"):
+        return "no verdicts recorded"
     comparison = model.get("comparison")
-    if isinstance(comparison, dict):
-        regressed, against = comparison.get("regressed_stages") or [], comparison.get("against", "?")
-        if not regressed:
-            text += f"; no regression vs {against}"
-        else:
-            text += f"; root cause of the regression vs {against}: {regressed[0]}"
-            if regressed[1:]:
-                text += f" (inherited downstream: {', '.join(regressed[1:])})"
-    return text
+    return diagnosis_text(failing_stages(model), comparison if isinstance(comparison, dict) else None)
 
 
 def _tick(stage: str, layer: Any, name: str) -> str:
