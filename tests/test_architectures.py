@@ -21,6 +21,7 @@ from pytest_mllmprobe.models.families import segments
 from pytest_mllmprobe.models.stages import MASK_POSITION_FAMILIES, NO_VISION_ENCODER
 from pytest_mllmprobe.prompts import build_prompt
 
+from .helpers import run_extract as _run
 from .tiny_families import AUTO_PROCESSOR_FAMILIES, FAMILIES, save_processor, tiny_family
 
 CLASSES = ["normal", "benign", "malignant"]
@@ -91,15 +92,6 @@ def seven_images(lesion_data: Path) -> list:
     picks = [0, 5, 21, 26, 41, 47, 10]
     sizes = [(32, 32), (48, 32), (32, 48), (40, 40), (32, 32), (48, 48), (24, 40)]
     return [load_image(data.paths[i]).resize(size) for i, size in zip(picks, sizes)]
-
-
-def _run(loaded, stage_map, images, prompts, batch_size, padding_side="left"):
-    continuations = class_continuations(loaded.processor.tokenizer, prompts[0], CLASSES)
-    return extract(
-        loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx], prompts,
-        continuations, batch_size=batch_size, device=loaded.device, dtype=loaded.dtype,
-        padding_side=padding_side,
-    )
 
 
 def test_detection_finds_the_family_stages(family_model) -> None:

@@ -14,6 +14,8 @@ from pytest_mllmprobe.extract import ExtractionError, PoolingHooks, extract
 from pytest_mllmprobe.models import detect_stages, load_model, resolve_model
 from pytest_mllmprobe.prompts import build_prompt
 
+from .helpers import run_extract as _run
+
 CLASSES = ["normal", "benign", "malignant"]
 SHORT = "Classify the image. Options: {options}."
 LONG = "Please classify the image shown in this scan. Options: {options}. Answer with one option only."
@@ -24,16 +26,6 @@ def _hooks_left(model) -> int:
     return sum(
         1 for m in model.modules() for hook in m._forward_hooks.values()
         if getattr(hook, "__qualname__", "").startswith("PoolingHooks.")
-    )
-
-
-def _run(loaded, stage_map, images, prompts, batch_size, padding_side="left", names=CLASSES):
-    tokenizer = loaded.processor.tokenizer
-    continuations = class_continuations(tokenizer, prompts[0], names)
-    return extract(
-        loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx], prompts,
-        continuations, batch_size=batch_size, device=loaded.device, dtype=loaded.dtype,
-        padding_side=padding_side,
     )
 
 
