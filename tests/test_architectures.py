@@ -226,15 +226,23 @@ def test_a_model_without_a_vision_encoder_is_a_clear_config_error() -> None:
     assert "--mllm-stages vision=" in message
 
 
+LLAVA_FAMILIES = ("llava_next", "vipllava")
+
+
 def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pytester) -> None:
     """One pytest run probes them all (one torch import instead of one per family)."""
     from pytest_mllmprobe.demo.synth import make_images, write_image_folder
+
+    from pytest_mllmprobe.demo.tiny import save_model, tiny_llava
 
     models = []
     for family in AUTO_PROCESSOR_FAMILIES:
         model, processor = tiny_family(family, seed=0)
         model.save_pretrained(pytester.path / family)
         save_processor(processor, pytester.path / family)
+        models += ["--mllm-model", str(pytester.path / family)]
+    for family in LLAVA_FAMILIES:  # the LLaVA builders of the demo (llava itself: tests/test_end_to_end.py)
+        save_model(*tiny_llava(family, seed=0), pytester.path / family)
         models += ["--mllm-model", str(pytester.path / family)]
     data = write_image_folder(make_images(10, seed=1), pytester.path / "data")
     junit, report = pytester.path / "junit.xml", pytester.path / "report"
@@ -248,7 +256,7 @@ def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pyt
     # a random model may fail probe rules, never with an exception (ValueError, ExtractionError, ...)
     assert not re.search(r"^FAILED \S+ - \w*(Error|Exception)\b", out, re.MULTILINE), out
     result.stdout.fnmatch_lines(["*mllmprobe: feature health*"])
-    for family in AUTO_PROCESSOR_FAMILIES:
+    for family in (*AUTO_PROCESSOR_FAMILIES, *LLAVA_FAMILIES):
         result.stdout.fnmatch_lines([f"{family} ({family}, * test images*",
                                      "*profile: FHS_V * -> FHS_C * -> FHS_L * -> P_final *",
                                      "*probe tests ran, * failed"])
@@ -258,14 +266,14 @@ def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pyt
     tests: dict[str, set[str]] = {}
     for case in ET.parse(junit).iter("testcase"):
         tests.setdefault(case.get("classname"), set()).add(case.get("name"))
-    for family in AUTO_PROCESSOR_FAMILIES:
+    for family in (*AUTO_PROCESSOR_FAMILIES, *LLAVA_FAMILIES):
         names = tests[f"mllm.{family}"]
         assert {"connector", "llm.1.last", "stage.llm", "answer"} <= names, family
         # cross-attention (mllama): no image tokens in the text stream, so no image readout
         assert ("llm.1.image" in names) == (family != "mllama"), family
     results = json.loads((report / "results.json").read_text())
     by_family = {m["stage_map"]["family"]: m for m in results["models"].values()}
-    assert set(by_family) == set(AUTO_PROCESSOR_FAMILIES)
+    assert set(by_family) == {*AUTO_PROCESSOR_FAMILIES, *LLAVA_FAMILIES}
     assert by_family["mllama"]["stage_map"]["llm_entry"] == 1
     assert "P(llm.1.last)" in json.dumps(by_family["mllama"]["verdicts"])
     assert (report / "index.html").is_file()
