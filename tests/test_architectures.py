@@ -21,12 +21,10 @@ from pytest_mllmprobe.models.families import segments
 from pytest_mllmprobe.models.stages import MASK_POSITION_FAMILIES, NO_VISION_ENCODER
 from pytest_mllmprobe.prompts import build_prompt
 
+from .helpers import CLASSES, check_batch_invariance, hooks_left
 from .helpers import run_extract as _run
 from .tiny_families import AUTO_PROCESSOR_FAMILIES, FAMILIES, save_processor, tiny_family
 
-CLASSES = ["normal", "benign", "malignant"]
-SHORT = "Classify the image. Options: {options}."
-LONG = "Please classify the image shown in this scan. Options: {options}. Answer with one option only."
 
 #: where each family's stages are (paths in the loaded model)
 EXPECTED = {
@@ -55,13 +53,6 @@ EXPECTED = {
     "blip-2": ("vision_model.encoder.layers", "language_projection", "language_model.model.decoder.layers"),
     "instructblip": ("vision_model.encoder.layers", "language_projection", "language_model.model.decoder.layers"),
 }
-
-
-def _hooks_left(model) -> int:
-    return sum(
-        1 for m in model.modules() for hook in m._forward_hooks.values()
-        if getattr(hook, "__qualname__", "").startswith("PoolingHooks.")
-    )
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -134,24 +125,12 @@ def test_every_hook_fires_once_and_pools_per_image(family_model, seven_images) -
     for name, values in features.loci.items():
         assert values.shape[0] == 3 and np.isfinite(values).all(), name
     assert features.answer_scores.shape == (3, 3)
-    assert _hooks_left(loaded.model) == 0
+    assert hooks_left(loaded.model) == 0
 
 
 def test_features_do_not_depend_on_batch_size_position_or_padding(family_model, seven_images) -> None:
     loaded, stage_map = family_model
-    prompts = [build_prompt(loaded.processor, CLASSES, LONG if i % 2 else SHORT) for i in range(7)]
-    alone = _run(loaded, stage_map, seven_images, prompts, batch_size=1)
-    together = _run(loaded, stage_map, seven_images, prompts, batch_size=7)
-    order = [6, 2, 4, 0, 5, 1, 3]
-    shuffled = _run(loaded, stage_map, [seven_images[i] for i in order], [prompts[i] for i in order], batch_size=7)
-    right = _run(loaded, stage_map, seven_images, prompts, batch_size=7, padding_side="right")
-    for name, reference in alone.loci.items():
-        np.testing.assert_allclose(together.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(shuffled.loci[name], reference[order], rtol=1e-4, atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(right.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(together.answer_scores, alone.answer_scores, rtol=1e-4, atol=1e-5)
-    last = f"llm.{len(stage_map.llm_layers) - 1}.last"
-    assert not np.allclose(alone.loci[last][0], alone.loci[last][1], atol=1e-3)
+    check_batch_invariance(loaded, stage_map, seven_images)
 
 
 def test_images_of_one_batch_are_split_by_their_own_patch_or_tile_counts(family_model, seven_images) -> None:

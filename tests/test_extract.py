@@ -14,19 +14,8 @@ from pytest_mllmprobe.extract import ExtractionError, PoolingHooks, extract
 from pytest_mllmprobe.models import detect_stages, load_model, resolve_model
 from pytest_mllmprobe.prompts import build_prompt
 
+from .helpers import CLASSES, check_batch_invariance, hooks_left
 from .helpers import run_extract as _run
-
-CLASSES = ["normal", "benign", "malignant"]
-SHORT = "Classify the image. Options: {options}."
-LONG = "Please classify the image shown in this scan. Options: {options}. Answer with one option only."
-
-
-def _hooks_left(model) -> int:
-    """Our hooks still registered (transformers registers a few of its own; they are not ours)."""
-    return sum(
-        1 for m in model.modules() for hook in m._forward_hooks.values()
-        if getattr(hook, "__qualname__", "").startswith("PoolingHooks.")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +50,8 @@ def test_detection_finds_every_stage_and_the_consumed_layer(family_model) -> Non
 
 def test_features_do_not_depend_on_batch_size_position_or_padding(family_model, seven_images) -> None:
     loaded, stage_map = family_model
-    # prompts of different lengths: the batch of 7 is padded, the batches of 1 are not
-    prompts = [build_prompt(loaded.processor, CLASSES, LONG if i % 2 else SHORT) for i in range(7)]
-    alone = _run(loaded, stage_map, seven_images, prompts, batch_size=1)
-    together = _run(loaded, stage_map, seven_images, prompts, batch_size=7)
-    order = [6, 2, 4, 0, 5, 1, 3]
-    shuffled = _run(loaded, stage_map, [seven_images[i] for i in order], [prompts[i] for i in order], batch_size=7)
-    right = _run(loaded, stage_map, seven_images, prompts, batch_size=7, padding_side="right")
-    assert set(alone.loci) == set(stage_map.loci) - {"answer"}
-    for name, reference in alone.loci.items():
-        assert reference.shape == (7, reference.shape[1])
-        np.testing.assert_allclose(together.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(shuffled.loci[name], reference[order], rtol=1e-4, atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(right.loci[name], reference, rtol=1e-4, atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(together.answer_scores, alone.answer_scores, rtol=1e-4, atol=1e-5)
-    # the prompt really matters for the language-model readouts and not for the vision ones
-    assert not np.allclose(alone.loci["llm.3.last"][0], alone.loci["llm.3.last"][1], atol=1e-3)
-    assert _hooks_left(loaded.model) == 0
+    check_batch_invariance(loaded, stage_map, seven_images)  # llm.3.last: the last layer of 4
+    assert hooks_left(loaded.model) == 0
 
 
 def test_readouts_match_a_reference_computed_from_hidden_states(family_model, seven_images) -> None:
@@ -131,7 +105,7 @@ def test_hooks_are_removed_when_a_forward_fails(family_model) -> None:
     with pytest.raises(OSError, match="disk on fire"):
         extract(loaded.model, loaded.processor, stage_map, broken_images, ["x"], [[1]],
                 batch_size=1, device=loaded.device, dtype=loaded.dtype)
-    assert _hooks_left(loaded.model) == 0
+    assert hooks_left(loaded.model) == 0
 
 
 def test_a_wrong_module_path_removes_the_hooks_already_placed(family_model) -> None:
@@ -142,7 +116,7 @@ def test_a_wrong_module_path_removes_the_hooks_already_placed(family_model) -> N
     with pytest.raises(ConfigError, match="no_such_projector"):
         with PoolingHooks(loaded.model, bad):
             pass
-    assert _hooks_left(loaded.model) == 0
+    assert hooks_left(loaded.model) == 0
 
 
 def test_a_hook_that_never_fires_is_reported(family_model, seven_images) -> None:
@@ -160,4 +134,4 @@ def test_a_hook_that_never_fires_is_reported(family_model, seven_images) -> None
             _run(loaded, bad, seven_images[:1], [prompt], batch_size=1)
     finally:
         del loaded.model.unused_block
-    assert _hooks_left(loaded.model) == 0
+    assert hooks_left(loaded.model) == 0

@@ -16,6 +16,8 @@ from pytest_mllmprobe.extract import extract
 from pytest_mllmprobe.models import detect_stages, load_model, resolve_model
 from pytest_mllmprobe.prompts import build_prompt
 
+from .helpers import hooks_left
+
 RUN = ("-p", "no:cacheprovider")
 
 
@@ -112,8 +114,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_features(tiny_llava_d
                       lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("planted")))
         with pytest.raises(ExtractionError, match="out of memory with batch size 1"):
             run(2)
-    assert not [h for m in loaded.model.modules() for h in m._forward_hooks.values()
-                if getattr(h, "__qualname__", "").startswith("PoolingHooks.")]  # removed after the error
+    assert hooks_left(loaded.model) == 0  # removed after the error
 
 
 @pytest.mark.parametrize("worker, count, expected", [
