@@ -9,9 +9,31 @@ names need one extra forward per class and batch.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .errors import ConfigError
+
+_TAKES_USE_CACHE: dict[type, bool] = {}
+
+
+def no_cache(model: Any) -> dict[str, Any]:
+    """``{"use_cache": False}`` where the model's forward takes it, else ``{}``.
+
+    Scoring and extraction never read the KV cache; building it on every forward costs memory
+    (every layer's keys and values) and raises the peak RSS. Every transformers model takes the
+    argument; remote code may not.
+    """
+    kind = type(model)
+    if kind not in _TAKES_USE_CACHE:
+        try:
+            parameters = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):
+            parameters = []
+        _TAKES_USE_CACHE[kind] = any(
+            p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+        )
+    return {"use_cache": False} if _TAKES_USE_CACHE[kind] else {}
 
 
 def class_continuations(tokenizer: Any, prompt: str, class_names: list[str]) -> list[list[int]]:
@@ -93,7 +115,7 @@ def scores_by_continuation(
         if "position_ids" in extra:
             kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp(min=0)
         m = len(tokens)
-        out = model(input_ids=ids, attention_mask=full_mask, logits_to_keep=m + 1, **kwargs)
+        out = model(input_ids=ids, attention_mask=full_mask, logits_to_keep=m + 1, **no_cache(model), **kwargs)
         logits = out.logits[:, -(m + 1):-1].float()
         logp = torch.log_softmax(logits, dim=-1)
         picked = logp.gather(-1, cont.unsqueeze(-1)).squeeze(-1)

@@ -18,6 +18,7 @@ import numpy as np
 from .data import Dataset, fold_indices, load_dataset, split_indices
 from .errors import ConfigError
 from .models import ModelSpec, StageMap, detect_stages, load_model, load_structure, resolve_model
+from .models.load import pick_device
 from .prompts import DEFAULT_QUESTION, build_prompt
 from .results import LocusResult, ModelResult, Results, stage_of
 from .settings import Settings
@@ -188,7 +189,8 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     start = time.perf_counter()
     labels = dataset.labels
     test = the_plan.test
-    probed = _probe_loci(features.loci, labels, the_plan.folds, test, settings)
+    # the probes train where the features were extracted (a GPU when there is one)
+    probed = _probe_loci(features.loci, labels, the_plan.folds, test, settings, str(pick_device(settings.device)))
     timings["probe_s"] = time.perf_counter() - start
 
     from .probes import score
@@ -248,7 +250,7 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
 
 
 def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray,
-                settings: Settings) -> dict[str, tuple[Any, list[float] | None, bool]]:
+                settings: Settings, device: str = "cpu") -> dict[str, tuple[Any, list[float] | None, bool]]:
     """Probe every locus on every fold; pool the out-of-fold outcomes in ``test`` order.
 
     Returns, per locus: the pooled score, the per-fold accuracies (``None`` for one split), and
@@ -264,7 +266,8 @@ def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any,
     proba = {name: np.zeros((len(test), k)) for name in features}
     per_fold: dict[str, list[float]] = {name: [] for name in features}
     for train, fold_test in folds:
-        scores = fit_probes(usable, labels, train, fold_test, kind=settings.probe, seed=settings.probe_seed)
+        scores = fit_probes(usable, labels, train, fold_test, kind=settings.probe, seed=settings.probe_seed,
+                            device=device)
         where = [position[int(i)] for i in fold_test]
         for name in features:
             fold_score = scores[name] if finite[name] else majority_score(labels[train], labels[fold_test], k)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .answer import scores_by_continuation, scores_from_last_logits, single_token
+from .answer import no_cache, scores_by_continuation, scores_from_last_logits, single_token
 from .errors import ConfigError
 from .models.families import Segments, family, segments
 from .models.stages import StageMap
@@ -126,7 +126,11 @@ class PoolingHooks:
         self.model = model
         self.stage_map = stage_map
         self._handles: list[Any] = []
-        self._pooled: dict[str, Any] = {}
+        #: one preallocated ``[N, D]`` float32 array per locus, made when its hook first fires
+        self.outputs: dict[str, np.ndarray] = {}
+        self._n = 0
+        self._rows = slice(0, 0)
+        self._fired: set[str] = set()
         self._image_mask: Any = None
         self._last_index: Any = None
         self._segments = Segments()
@@ -160,23 +164,26 @@ class PoolingHooks:
         self._handles.append(module.register_forward_hook(hook))
 
     # -- per batch ------------------------------------------------------------------------
-    def begin_batch(self, image_mask: Any, last_index: Any, segments: Segments | None = None) -> None:
-        self._pooled = {}
+    def begin_batch(
+        self, image_mask: Any, last_index: Any, segments: Segments | None = None, *, rows: slice, n: int
+    ) -> None:
+        """The next forward is images ``rows`` of ``n``: each hook writes its pooled rows there."""
+        self._fired = set()
+        self._rows = rows
+        self._n = n
         self._image_mask = image_mask
         self._last_index = last_index
         self._segments = segments or Segments()
 
-    def end_batch(self) -> dict[str, Any]:
+    def end_batch(self) -> None:
         expected = self.expected_loci()
-        missing = [name for name in expected if name not in self._pooled]
+        missing = [name for name in expected if name not in self._fired]
         if missing:
             raise ExtractionError(
                 f"these hooks did not fire during the forward pass: {', '.join(missing)}; the "
                 "detected stage modules are not on the model's forward path (override them with "
                 "--mllm-stages)"
             )
-        pooled, self._pooled = self._pooled, {}
-        return pooled
 
     def expected_loci(self) -> list[str]:
         names = [f"vision.{i}" for i in range(len(self.stage_map.vision_layers))]
@@ -195,12 +202,26 @@ class PoolingHooks:
             self._active = True
 
     def _store(self, name: str, value: Any) -> None:
-        if name in self._pooled:
+        """Write one batch's ``[B, D]`` pooled rows straight into the locus's ``[N, D]`` output.
+
+        No per-batch tensor outlives its hook: many small tensors kept between the forward's
+        large temporaries fragment the heap and raise the peak RSS far above what is kept.
+        """
+        import torch
+
+        if name in self._fired:
             raise ExtractionError(
                 f"the hook for {name} fired twice in one forward pass; this module is called more "
                 "than once per image, so its output cannot be pooled per image"
             )
-        self._pooled[name] = value.detach().float().cpu()
+        self._fired.add(name)
+        value = value.detach()
+        expected = self._rows.stop - self._rows.start
+        if value.shape[0] != expected:
+            raise ExtractionError(f"{name}: the hook pooled {value.shape[0]} rows for a batch of {expected} images")
+        if name not in self.outputs:
+            self.outputs[name] = np.empty((self._n, value.shape[-1]), dtype=np.float32)
+        torch.from_numpy(self.outputs[name][self._rows]).copy_(value)
 
     # -- hooks ----------------------------------------------------------------------------
     def _vision_hook(self, name: str) -> Callable[..., None]:
@@ -320,18 +341,15 @@ def extract(
         )
     quirks = family(stage_map.family)
     n = len(prompts)
-    # Preallocated [N, D] outputs: many small per-batch tensors between the forward's large
-    # temporaries fragment the heap and keep the peak RSS high.
-    collected: dict[str, np.ndarray] = {}
     scores: list[Any] = []
     with PoolingHooks(model, stage_map) as hooks, torch.inference_mode():
         start = 0
         while start < n:
             index = list(range(start, min(start + batch_size, n)))
             try:
-                pooled, batch_scores = _one_batch(
+                batch_scores = _one_batch(
                     model, processor, stage_map, hooks, quirks, images(index), [prompts[i] for i in index],
-                    continuations, device, dtype, padding_side,
+                    continuations, device, dtype, padding_side, slice(index[0], index[-1] + 1), n,
                 )
             except torch.OutOfMemoryError as exc:
                 if batch_size == 1:
@@ -344,22 +362,19 @@ def extract(
                 if on_oom is not None:
                     on_oom(batch_size)
                 continue  # the same images again, in smaller batches
-            for name, value in pooled.items():
-                if name not in collected:
-                    collected[name] = np.empty((n, value.shape[1]), dtype=np.float32)
-                collected[name][index[0]:index[-1] + 1] = value.numpy()
             scores.append(batch_scores)
             start = index[-1] + 1
             if progress is not None:
                 progress(start, n)
-    return Features(loci=collected, answer_scores=torch.cat(scores).numpy(), batch_size=batch_size)
+    return Features(loci=hooks.outputs, answer_scores=torch.cat(scores).numpy(), batch_size=batch_size)
 
 
 def _one_batch(
     model: Any, processor: Any, stage_map: StageMap, hooks: PoolingHooks, quirks: Any, images: list[Any],
     prompts: list[str], continuations: list[list[int]], device: Any, dtype: Any, padding_side: str,
-) -> tuple[dict[str, Any], Any]:
-    """One forward with the hooks on: the pooled loci and the answer scores of one batch."""
+    rows: slice, n: int,
+) -> Any:
+    """One forward with the hooks on (they write rows ``rows`` of their outputs); the answer scores."""
     import torch
 
     inputs = prepare_inputs(processor, images, prompts, device, dtype, padding_side, nested=quirks.nested_images)
@@ -374,11 +389,13 @@ def _one_batch(
         inputs["input_ids"] == stage_map.image_token_id if "image" in stage_map.llm_readouts else None,
         last_index,
         segments(stage_map, model, inputs),
+        rows=rows, n=n,
     )
     left_padded = bool((last_index == mask.shape[1] - 1).all())
     # Left padding puts every row's last prompt token at the end: only its logits are needed.
-    out = model(**inputs, **extra, logits_to_keep=1 if left_padded else 0)
-    pooled = hooks.end_batch()
+    # No KV cache: nothing reads it, and building one per forward raises the peak memory.
+    out = model(**inputs, **extra, **no_cache(model), logits_to_keep=1 if left_padded else 0)
+    hooks.end_batch()
     if left_padded:
         last_logits = out.logits[:, -1]
     else:
@@ -392,7 +409,7 @@ def _one_batch(
     else:
         with hooks.paused():
             batch_scores = scores_by_continuation(model, inputs, continuations, extra)
-    return pooled, batch_scores.float().cpu()
+    return batch_scores.float().cpu()
 
 
 def _free_accelerator_memory() -> None:

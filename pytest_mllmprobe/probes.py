@@ -90,6 +90,9 @@ class LinearProbe:
 PARALLEL_WORK = 50_000_000
 """Multiply-adds per step below which a CPU fit runs on one thread: small batched problems gain
 nothing from more, and on a busy machine OpenMP spin-waiting makes them many times slower."""
+CPU_GROUP_BYTES = 24 * 2**20
+"""First-layer weights per group of MLP probes trained together on the CPU (below glibc's 32 MiB
+mmap ceiling)."""
 
 
 @contextlib.contextmanager
@@ -208,22 +211,40 @@ class MLPProbe:
         return self.classes_[logits[0].argmax(axis=1)]
 
 
-def _train_mlps(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: MLPProbe) -> dict[str, np.ndarray]:
-    """Train ``L`` independent MLPs at once on ``X [L, N, D]`` with shared labels ``y [N]``."""
+def _train_mlps(
+    X: np.ndarray, y: np.ndarray, n_classes: int, cfg: MLPProbe, device: Any = "cpu"
+) -> dict[str, np.ndarray]:
+    """Train ``L`` independent MLPs at once on ``X [L, N, D]`` with shared labels ``y [N]``.
+
+    Weights, data order and dropout masks come from generators seeded with ``cfg.seed`` (the
+    initial weights and the order on the CPU, so they do not depend on ``device``).
+    """
     import torch
 
     generator = torch.Generator().manual_seed(cfg.seed)
+    on_cpu = torch.device(device).type == "cpu"
+    masks = generator if on_cpu else torch.Generator(device=device).manual_seed(cfg.seed)
     n_loci, n, d = X.shape
     h = cfg.hidden
-    xs = torch.as_tensor(X, dtype=torch.float32)
-    ys = torch.as_tensor(y, dtype=torch.long)
+    xs = torch.as_tensor(X, dtype=torch.float32, device=device)
+    ys = torch.as_tensor(y, dtype=torch.long, device=device)
     bound1, bound2 = 1 / math.sqrt(d), 1 / math.sqrt(h)
-    w1 = ((torch.rand(n_loci, d, h, generator=generator) * 2 - 1) * bound1).requires_grad_()
-    b1 = ((torch.rand(n_loci, 1, h, generator=generator) * 2 - 1) * bound1).requires_grad_()
-    w2 = ((torch.rand(n_loci, h, n_classes, generator=generator) * 2 - 1) * bound2).requires_grad_()
-    b2 = ((torch.rand(n_loci, 1, n_classes, generator=generator) * 2 - 1) * bound2).requires_grad_()
-    params = [w1, b1, w2, b2]
-    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def uniform(*shape: int, bound: float) -> Any:
+        return ((torch.rand(*shape, generator=generator) * 2 - 1) * bound).to(device).requires_grad_()
+
+    w1 = uniform(n_loci, d, h, bound=bound1)
+    b1 = uniform(n_loci, 1, h, bound=bound1)
+    w2 = uniform(n_loci, h, n_classes, bound=bound2)
+    b2 = uniform(n_loci, 1, n_classes, bound=bound2)
+    # On the CPU the loci train in groups whose first-layer weights stay below glibc's mmap
+    # threshold: a gradient above it is a fresh mmap every step, zeroed by the kernel (more
+    # system time than compute). The groups share each step's batch and dropout draw, so the
+    # weights are those of one batched fit.
+    size = n_loci if not on_cpu else max(1, min(n_loci, CPU_GROUP_BYTES // (4 * d * h)))
+    groups = [slice(i, min(i + size, n_loci)) for i in range(0, n_loci, size)]
+    params = [[p[g].detach().clone().requires_grad_() for p in (w1, b1, w2, b2)] for g in groups]
+    del w1, b1, w2, b2
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     warm = max(1, int(round(cfg.warmup * total)))
@@ -233,27 +254,43 @@ def _train_mlps(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: MLPProbe) -> 
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
-    with torch.enable_grad(), _cpu_threads("cpu", n_loci * cfg.batch_size * d * h):
+    optimisers = [_adamw(group, cfg) for group in params]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimisers]
+    with torch.enable_grad(), _cpu_threads(device, n_loci * cfg.batch_size * d * h):
         for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(device)
             for start in range(0, n, cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                hidden = torch.relu(torch.bmm(xs[:, idx], w1) + b1)
+                keep = None
                 if cfg.dropout > 0:
-                    keep = (torch.rand(hidden.shape, generator=generator) >= cfg.dropout).float()
-                    hidden = hidden * keep / (1 - cfg.dropout)
-                logits = torch.bmm(hidden, w2) + b2
-                target = ys[idx].expand(n_loci, -1).reshape(-1)
-                # Sum over loci so each probe gets its own, unscaled gradient.
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, n_classes), target, reduction="none"
-                ).reshape(n_loci, -1).mean(dim=1).sum()
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-    return {name: p.detach().numpy() for name, p in zip(("w1", "b1", "w2", "b2"), params)}
+                    draw = torch.rand((n_loci, len(idx), h), generator=masks, device=device)
+                    keep = (draw >= cfg.dropout).float() / (1 - cfg.dropout)
+                target = ys[idx]
+                for g, (w1, b1, w2, b2), optimiser, scheduler in zip(groups, params, optimisers, schedulers):
+                    hidden = torch.relu(torch.bmm(xs[g][:, idx], w1) + b1)
+                    if keep is not None:
+                        hidden = hidden * keep[g]
+                    logits = torch.bmm(hidden, w2) + b2
+                    # Sum over loci so each probe gets its own, unscaled gradient.
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, n_classes), target.expand(len(logits), -1).reshape(-1), reduction="none"
+                    ).reshape(len(logits), -1).mean(dim=1).sum()
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                    scheduler.step()
+    return {name: torch.cat([group[i].detach() for group in params]).cpu().numpy()
+            for i, name in enumerate(("w1", "b1", "w2", "b2"))}
+
+
+def _adamw(params: list[Any], cfg: MLPProbe) -> Any:
+    """AdamW, fused where torch has the kernel (no temporaries of the weights' size per step)."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _mlp_logits(params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
@@ -339,7 +376,7 @@ def fit_probes(
     """Train one probe per locus on ``train`` and score it on ``test``.
 
     ``linear`` and ``mlp`` probes of all loci of the same width are fitted together, as one
-    batched problem on ``device``; ``sklearn`` fits scikit-learn's ``LogisticRegression(C=1)``
+    batched problem on ``device`` (the engine passes the extraction device); ``sklearn`` fits scikit-learn's ``LogisticRegression(C=1)``
     per locus on the CPU (the reference the ``linear`` probe is tested against).
     """
     if kind not in PROBES:
@@ -370,7 +407,7 @@ def fit_probes(
             coef, intercept = fit_linear(x_train, codes, len(classes), device=device)
             probabilities = _linear_proba(coef, intercept, x_test)
         else:
-            params = _train_mlps(x_train, codes, len(classes), cfg)
+            params = _train_mlps(x_train, codes, len(classes), cfg, device=device)
             probabilities = _softmax(_mlp_logits(params, x_test))
         for name, proba in zip(names, probabilities):
             results[name] = score(y_test, _full_columns(proba, classes, k))

@@ -96,6 +96,39 @@ def test_multi_token_names_are_scored_as_whole_sequences(family_model, seven_ima
     assert not np.allclose(scores[:, 1], single[:, 1])
 
 
+def test_no_forward_builds_a_kv_cache(family_model, seven_images) -> None:
+    # nothing reads the cache; building one per forward costs every layer's keys and values
+    loaded, stage_map = family_model
+    seen: list[object] = []
+
+    def spy(module, args, kwargs, output):
+        seen.append((kwargs.get("use_cache", "absent"), getattr(output, "past_key_values", None)))
+
+    handle = loaded.model.register_forward_hook(spy, with_kwargs=True)
+    try:
+        prompt = build_prompt(loaded.processor, ["benign", "malignant mass"])
+        _run(loaded, stage_map, seven_images[:2], [prompt] * 2, batch_size=2, names=["benign", "malignant mass"])
+    finally:
+        handle.remove()
+    assert len(seen) == 3  # the extraction forward and one per multi-token class
+    assert seen == [(False, None)] * 3
+
+
+def test_no_cache_is_only_passed_to_a_forward_that_takes_it() -> None:
+    from pytest_mllmprobe.answer import no_cache
+
+    class Strict:
+        def forward(self, input_ids, attention_mask=None):
+            return None
+
+    class Loose:
+        def forward(self, input_ids, **kwargs):
+            return None
+
+    assert no_cache(Strict()) == {}
+    assert no_cache(Loose()) == {"use_cache": False}
+
+
 def test_hooks_are_removed_when_a_forward_fails(family_model) -> None:
     loaded, stage_map = family_model
 

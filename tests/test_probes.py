@@ -76,6 +76,22 @@ def test_batched_mlps_of_all_loci_match_their_signal() -> None:
     assert scores["good"].correct.shape == (80,)
 
 
+def test_mlp_groups_on_the_cpu_train_the_same_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU fits train the loci in groups (memory); each group must see the batched fit's draws
+    from pytest_mllmprobe import probes
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(7, 90, 16)).astype(np.float32)
+    y = np.arange(90) % 3
+    cfg = MLPProbe(epochs=2, hidden=8)
+    together = probes._train_mlps(X, y, 3, cfg)
+    monkeypatch.setattr(probes, "CPU_GROUP_BYTES", 4 * 16 * 8 * 3)  # groups of 3, 3 and 1 loci
+    grouped = probes._train_mlps(X, y, 3, cfg)
+    for name, weights in together.items():
+        assert weights.shape[0] == 7
+        np.testing.assert_array_equal(grouped[name], weights, err_msg=name)
+
+
 def test_linear_and_mlp_agree_on_planted_signal() -> None:
     X, y = planted()
     train, test = np.arange(160), np.arange(160, 240)

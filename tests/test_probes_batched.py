@@ -133,3 +133,14 @@ def test_a_cuda_fit_matches_the_cpu_fit() -> None:
     gpu = fit_probes(features, y, train, test, device="cuda")
     for name in features:
         np.testing.assert_allclose(cpu[name].probabilities, gpu[name].probabilities, atol=5e-3)
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_mlp_probes_train_on_cuda() -> None:
+    # dropout masks come from the GPU's generator, so the fits differ; the planted signal does not
+    features, y = planted_loci()
+    train, test = np.arange(100), np.arange(100, 150)
+    cpu = fit_probes(features, y, train, test, kind="mlp", device="cpu")
+    gpu = fit_probes(features, y, train, test, kind="mlp", device="cuda")
+    for name in features:
+        assert abs(cpu[name].accuracy - gpu[name].accuracy) <= 0.1, name

@@ -197,3 +197,25 @@ def test_bfloat16_forward_pools_in_float32(tiny_llava_dir: Path, lesion_data: Pa
         d_full = np.linalg.norm(values[:, None] - values[None], axis=-1)
         d_half = np.linalg.norm(half.loci[name][:, None] - half.loci[name][None], axis=-1)
         assert np.corrcoef(d_full.ravel(), d_half.ravel())[0, 1] > 0.95, name
+
+
+@pytest.mark.parametrize("probe", ["linear", "mlp"])
+def test_probes_train_on_the_extraction_device(monkeypatch: pytest.MonkeyPatch, probe: str) -> None:
+    """Where extraction picks a GPU, the batched probes are fitted there too (a cache hit included)."""
+    import torch
+
+    from pytest_mllmprobe import engine, probes
+    from pytest_mllmprobe.settings import Settings
+
+    asked: list[str] = []
+    fit = probes.fit_probes
+
+    def spy(*args, device="cpu", **kwargs):
+        asked.append(device)
+        return fit(*args, **kwargs)  # this machine may have no GPU: fit on the CPU
+
+    monkeypatch.setattr(probes, "fit_probes", spy)
+    monkeypatch.setattr(engine, "pick_device", lambda device: torch.device("cuda", 1))
+    the_plan = engine.plan(Settings(models=("demo",), device="cpu", probe=probe, max_samples=60))
+    result = engine.evaluate(the_plan, the_plan.models[0])
+    assert asked == ["cuda:1"] and len(result.loci) > 3
