@@ -132,35 +132,31 @@ def fit_linear(
         return np.zeros((n_loci, d, m), np.float32), np.zeros((n_loci, m), np.float32)
     xs = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=device)
     ys = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
-    w = torch.zeros(n_loci, d, m, device=device, requires_grad=True)
-    b = torch.zeros(n_loci, 1, m, device=device, requires_grad=True)
+    # Class-major weights: logits [L, M, N] = W [L, M, D] @ X^T. With M a handful of classes,
+    # ``bmm`` is ~3x faster this way round than X @ W (a [D, M] right factor is too skinny for
+    # the CPU kernels); X^T is a view, not a copy.
+    w = torch.zeros(n_loci, m, d, device=device, requires_grad=True)
+    b = torch.zeros(n_loci, m, 1, device=device, requires_grad=True)
     alpha = 1.0 / (2.0 * C * n)
     optimiser = torch.optim.LBFGS(
         [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
         tolerance_change=1e-10, line_search_fn="strong_wolfe",
     )
+    target = ys.expand(n_loci, -1)
 
     def closure() -> Any:
         optimiser.zero_grad()
-        logits = _torch_logits(torch.baddbmm(b, xs, w))
-        target = ys.expand(n_loci, -1).reshape(-1)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, reduction="sum")
+        logits = torch.baddbmm(b, w, xs.transpose(1, 2))
+        if m == 1:  # binomial: the reference class's logit is zero
+            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         loss = loss / n + alpha * (w * w).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad(), _cpu_threads(device, n_loci * n * d * m):
         optimiser.step(closure)
-    return w.detach().cpu().numpy(), b.detach().cpu().numpy()[:, 0]
-
-
-def _torch_logits(z: Any) -> Any:
-    """Binomial models carry one logit column: prepend the reference class's zero."""
-    import torch
-
-    if z.shape[-1] == 1:
-        return torch.cat([torch.zeros_like(z), z], dim=-1)
-    return z
+    return w.detach().transpose(1, 2).cpu().numpy(), b.detach().cpu().numpy()[:, :, 0]
 
 
 def _linear_proba(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray) -> np.ndarray:

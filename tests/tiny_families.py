@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pytest_mllmprobe.demo.tiny import VOCAB_WORDS
+from pytest_mllmprobe.demo.tiny import build_tokenizer, chat_template
 from pytest_mllmprobe.models.load import video_slot_may_be_empty
 
 MEAN = [0.5, 0.5, 0.5]
@@ -26,38 +26,10 @@ def family_tokenizer(
     ``register`` names the image token as the tokenizer's ``image_token`` (BLIP-2's processor
     wants to add it itself).
     """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = ["<pad>", "<s>", "</s>", "<unk>", image_token, *specials]
-    vocab: dict[str, int] = {}
-    for token in (*tokens, *VOCAB_WORDS):
-        vocab.setdefault(token, len(vocab))
-    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    core.add_special_tokens(tokens)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    return build_tokenizer(
+        specials=("<pad>", "<s>", "</s>", "<unk>", image_token, *specials),
         extra_special_tokens={**({"image_token": image_token} if register else {}), **(attrs or {})},
-        padding_side="left", model_max_length=4096,
-    )
-
-
-def chat_template(placeholder: str) -> str:
-    """``role: <placeholder> text`` per turn, ``assistant:`` as the generation prompt."""
-    return (
-        "{% for m in messages %}{{ m['role'] }}: "
-        "{% if m['content'] is string %}{{ m['content'] }} {% else %}"
-        "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + placeholder + " "
-        "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{{ '\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+        model_max_length=4096,
     )
 
 

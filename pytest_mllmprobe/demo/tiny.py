@@ -12,7 +12,8 @@ them suitable for tests and for the bundled demo.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 """Special tokens, in id order: ``<pad>`` is 0, ``<image>`` is 4."""
@@ -36,43 +37,55 @@ VOCAB_WORDS: tuple[str, ...] = (
 )
 """Base vocabulary: covers the default prompt, chat roles, punctuation and class names."""
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: "
-    "{% if m['content'] is string %}{{ m['content'] }} {% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{{ '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
-)
-"""A minimal chat template: ``role: <image> text`` per turn, ``assistant:`` to generate."""
+def chat_template(placeholder: str = "<image>") -> str:
+    """A minimal chat template: ``role: <placeholder> text`` per turn, ``assistant:`` to generate."""
+    return (
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{% if m['content'] is string %}{{ m['content'] }} {% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + placeholder + " "
+        "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}{{ '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template(IMAGE_TOKEN)
+"""The demo's chat template (image placeholder ``<image>``)."""
 
 FAMILIES = ("llava", "llava_next", "vipllava")
 
 
-def vocabulary(extra_words: Iterable[str] = ()) -> dict[str, int]:
-    """Token-to-id map: special tokens first, then :data:`VOCAB_WORDS`, then ``extra_words``.
+def vocabulary(extra_words: Iterable[str] = (), specials: Sequence[str] = SPECIAL_TOKENS) -> dict[str, int]:
+    """Token-to-id map: ``specials`` first, then :data:`VOCAB_WORDS`, then ``extra_words``.
 
     Extra words are lower-cased (the tokenizer lower-cases its input) and de-duplicated.
     """
     vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *VOCAB_WORDS, *(w.lower() for w in extra_words)):
+    for token in (*specials, *VOCAB_WORDS, *(w.lower() for w in extra_words)):
         if token and token not in vocab:
             vocab[token] = len(vocab)
     return vocab
 
 
-def build_tokenizer(extra_words: Iterable[str] = ()) -> Any:
+def build_tokenizer(
+    extra_words: Iterable[str] = (),
+    *,
+    specials: Sequence[str] = SPECIAL_TOKENS,
+    extra_special_tokens: dict[str, str] | None = None,
+    model_max_length: int = 512,
+) -> Any:
     """A word-level ``PreTrainedTokenizerFast`` over :func:`vocabulary`.
 
     Input is lower-cased and split on whitespace and on every punctuation character; words
-    outside the vocabulary become ``<unk>``. A ``<s>`` is prepended to every sequence,
-    padding is on the left, and ``<image>`` is registered as the ``image_token`` so that
-    transformers processors find it.
+    outside the vocabulary become ``<unk>``. A ``<s>`` is prepended to every sequence and
+    padding is on the left. ``specials`` must start with ``<pad> <s> </s> <unk>``; by default
+    ``<image>`` follows and is registered as the ``image_token`` so that transformers
+    processors find it (``extra_special_tokens`` replaces that registration).
     """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = vocabulary(extra_words)
+    vocab = vocabulary(extra_words, specials)
     core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
@@ -81,16 +94,16 @@ def build_tokenizer(extra_words: Iterable[str] = ()) -> Any:
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    core.add_special_tokens(list(SPECIAL_TOKENS))
+    core.add_special_tokens(list(specials))
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if extra_special_tokens is None else extra_special_tokens,
         padding_side="left",
-        model_max_length=512,
+        model_max_length=model_max_length,
     )
 
 
