@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                                "threads": torch.get_num_threads()}
     for label, run in runs.items():
         summary[f"{label}_s"] = round(run["wall_s"], 3)
+        summary[f"{label}_mean_accuracy"] = round(run["mean_accuracy"], 4)
     if "sklearn" in runs:
         gap = max(abs(scores["linear"][n].accuracy - scores["sklearn"][n].accuracy) for n in features)
         summary["sklearn_over_linear"] = round(runs["sklearn"]["wall_s"] / runs["linear"]["wall_s"], 2)

@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end in their CI-sized form.
+
+Their figures are not asserted (speed and memory goals are benchmarks, not timed tests; the
+achieved figures are in docs/performance.md); what is checked is that each script runs, measures
+what it says and prints the JSON line its documentation promises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _json_line(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def test_extraction_benchmark_runs_in_ci_size(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_extraction.py"), "--size", "ci", "--repeats", "1",
+         "--threads", "1", "--workdir", str(tmp_path), "--json", str(tmp_path / "runs.json")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = _json_line(done.stdout)
+    assert summary["size"] == "ci" and summary["threads"] == 1 and summary["device"] == "cpu"
+    for key in ("full_over_bare", "naive_over_full", "full_rss_over_budget", "probe_over_bare"):
+        assert math.isfinite(summary[key]) and summary[key] > 0, (key, summary[key])
+    for line in ("bare forward", "full engine", "naive reference"):
+        assert line in done.stdout
+    runs = {mode: found[0] for mode, found in json.loads((tmp_path / "runs.json").read_text())["trials"].items()}
+    # 2 vision blocks + the connector + 2 decoder layers x (image mean, last token)
+    assert runs["full"]["loci"] == runs["naive"]["loci"] == 7
+    n = runs["full"]["n_images"]
+    assert runs["full"]["pooled_bytes"] == 4 * n * (2 * 32 + 64 + 2 * 2 * 64)
+    assert np.isclose(summary["rss_budget_mb"], runs["bare"]["peak_rss_mb"] + 2 * runs["full"]["pooled_bytes"] / 2**20,
+                      atol=1e-3)
+    assert summary["probe_over_bare"] == round(runs["full"]["probe_s"] / runs["bare"]["forward_s"], 4)
+
+
+def test_probe_benchmark_runs_and_compares_with_sklearn(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_probes", BENCHMARKS / "bench_probes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--loci", "4", "--samples", "150", "--width", "16", "--device", "cpu"])
+    summary = _json_line(capsys.readouterr().out)
+    assert (summary["loci"], summary["samples"], summary["width"], summary["train"]) == (4, 150, 16, 120)
+    assert {"linear_s", "sklearn_s", "mlp_s"} <= set(summary)
+    # planted signal: all three probes read it well above chance (1/3), linear within one point of sklearn
+    for kind in ("linear", "sklearn", "mlp"):
+        assert summary[f"{kind}_mean_accuracy"] > 0.6, summary
+    assert summary["max_accuracy_gap_linear_vs_sklearn"] <= 1 / 30 + 1e-9
