@@ -21,18 +21,23 @@ def no_cache(model: Any) -> dict[str, Any]:
     """``{"use_cache": False}`` where the model's forward takes it, else ``{}``.
 
     Scoring and extraction never read the KV cache; building it on every forward costs memory
-    (every layer's keys and values) and raises the peak RSS. Every transformers model takes the
-    argument; remote code may not.
+    (every layer's keys and values) and raises the peak RSS. A forward that names ``use_cache``
+    takes it. One that only has ``**kwargs`` takes it when its class is transformers' own (they
+    route it to the language model); remote code often hands ``**kwargs`` on to a submodule
+    that rejects it, so there the cache is left to the model. Decided per class, from the
+    class's ``forward`` (an instance's may be wrapped, e.g. by accelerate's device hooks).
     """
     kind = type(model)
     if kind not in _TAKES_USE_CACHE:
         try:
-            parameters = inspect.signature(model.forward).parameters.values()
-        except (TypeError, ValueError):
+            parameters = list(inspect.signature(kind.forward).parameters.values())
+        except (AttributeError, TypeError, ValueError):
             parameters = []
-        _TAKES_USE_CACHE[kind] = any(
-            p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+        named = any(p.name == "use_cache" for p in parameters)
+        routed = kind.__module__.startswith("transformers.") and any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
         )
+        _TAKES_USE_CACHE[kind] = named or routed
     return {"use_cache": False} if _TAKES_USE_CACHE[kind] else {}
 
 

@@ -190,7 +190,8 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     labels = dataset.labels
     test = the_plan.test
     # the probes train where the features were extracted (a GPU when there is one)
-    probed = _probe_loci(features.loci, labels, the_plan.folds, test, settings, str(pick_device(settings.device)))
+    probed = _probe_on_device(features.loci, labels, the_plan.folds, test, settings,
+                              str(pick_device(settings.device)), timings)
     timings["probe_s"] = time.perf_counter() - start
 
     from .probes import score
@@ -247,6 +248,28 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
         timings=timings,
         answers=answers,
     )
+
+
+def _probe_on_device(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray,
+                     settings: Settings, device: str, timings: dict[str, float]) -> dict[str, Any]:
+    """:func:`_probe_loci` on ``device``; out of memory on an accelerator falls back to the CPU.
+
+    The extraction's cached accelerator memory is handed back first (the model is gone by now).
+    A fallback is recorded as ``timings["probe_cpu_fallback"]`` and said in the run summary.
+    """
+    if device == "cpu":
+        return _probe_loci(features, labels, folds, test, settings, device)
+    import torch
+
+    from .extract import free_accelerator_memory
+
+    free_accelerator_memory()
+    try:
+        return _probe_loci(features, labels, folds, test, settings, device)
+    except torch.OutOfMemoryError:
+        free_accelerator_memory()
+        timings["probe_cpu_fallback"] = 1.0
+        return _probe_loci(features, labels, folds, test, settings, "cpu")
 
 
 def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray,

@@ -357,7 +357,7 @@ def extract(
                         "out of memory with batch size 1: use --mllm-dtype bfloat16, a larger GPU, "
                         "several GPUs (--mllm-device-map auto) or --mllm-device cpu"
                     ) from exc
-                _free_accelerator_memory()
+                free_accelerator_memory()
                 batch_size = max(1, batch_size // 2)
                 if on_oom is not None:
                     on_oom(batch_size)
@@ -412,7 +412,8 @@ def _one_batch(
     return batch_scores.float().cpu()
 
 
-def _free_accelerator_memory() -> None:
+def free_accelerator_memory() -> None:
+    """Collect garbage and hand the CUDA caching allocator's free blocks back."""
     import gc
 
     import torch

@@ -150,13 +150,19 @@ def model_summary(result: Any) -> dict[str, Any]:
         "scores": {k: _round(v) for k, v in result.scores.items()},
         "answers": answers_line(result),
         "cached": bool(result.timings.get("cache")),
-        "memory": (
-            f"out of memory at batch size {int(result.timings['batch_size_asked'])}: halved "
-            f"{int(result.timings['oom_halvings'])} time(s), finished with batch size "
-            f"{int(result.timings['batch_size'])}"
-            if result.timings.get("oom_halvings") else None
-        ),
+        "memory": memory_line(result.timings),
     }
+
+
+def memory_line(timings: dict[str, float]) -> str | None:
+    """What running out of accelerator memory changed in this run, or ``None``."""
+    said = []
+    if timings.get("oom_halvings"):
+        said.append(f"out of memory at batch size {int(timings['batch_size_asked'])}: halved "
+                    f"{int(timings['oom_halvings'])} time(s), finished with batch size {int(timings['batch_size'])}")
+    if timings.get("probe_cpu_fallback"):
+        said.append("the probes ran out of accelerator memory and were fitted on the CPU")
+    return "; ".join(said) or None
 
 
 def answers_line(result: Any) -> str | None:

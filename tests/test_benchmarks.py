@@ -32,9 +32,10 @@ def test_extraction_benchmark_runs_in_ci_size(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _json_line(done.stdout)
     assert summary["size"] == "ci" and summary["threads"] == 1 and summary["device"] == "cpu"
-    for key in ("full_over_bare", "naive_over_full", "full_rss_over_budget", "probe_over_bare"):
+    for key in ("full_over_bare", "naive_over_full", "full_rss_over_budget", "probe_over_bare",
+                "full_over_lean", "full_rss_over_lean_budget"):
         assert math.isfinite(summary[key]) and summary[key] > 0, (key, summary[key])
-    for line in ("bare forward", "full engine", "naive reference"):
+    for line in ("bare forward", "bare, lean", "full engine", "naive reference"):
         assert line in done.stdout
     runs = {mode: found[0] for mode, found in json.loads((tmp_path / "runs.json").read_text())["trials"].items()}
     # 2 vision blocks + the connector + 2 decoder layers x (image mean, last token)
@@ -44,6 +45,7 @@ def test_extraction_benchmark_runs_in_ci_size(tmp_path: Path) -> None:
     assert np.isclose(summary["rss_budget_mb"], runs["bare"]["peak_rss_mb"] + 2 * runs["full"]["pooled_bytes"] / 2**20,
                       atol=1e-3)
     assert summary["probe_over_bare"] == round(runs["full"]["probe_s"] / runs["bare"]["forward_s"], 4)
+    assert summary["full_over_lean"] == round(runs["full"]["forward_s"] / runs["lean"]["forward_s"], 4)
 
 
 def test_probe_benchmark_runs_and_compares_with_sklearn(capsys) -> None:

@@ -121,12 +121,32 @@ def test_no_cache_is_only_passed_to_a_forward_that_takes_it() -> None:
         def forward(self, input_ids, attention_mask=None):
             return None
 
-    class Loose:
+    class Named:
+        def forward(self, input_ids, use_cache=None, **kwargs):
+            return None
+
+    class Remote:  # remote code: **kwargs handed on to a submodule that may reject use_cache
         def forward(self, input_ids, **kwargs):
             return None
 
+    class Transformers:  # transformers' own classes take **kwargs and route use_cache
+        def forward(self, input_ids, **kwargs):
+            return None
+
+    Transformers.__module__ = "transformers.models.fake.modeling_fake"
     assert no_cache(Strict()) == {}
-    assert no_cache(Loose()) == {"use_cache": False}
+    assert no_cache(Named()) == {"use_cache": False}
+    assert no_cache(Remote()) == {}
+    assert no_cache(Transformers()) == {"use_cache": False}
+    # decided from the class: an instance whose forward is wrapped (accelerate's device hooks
+    # replace it with a ``(*args, **kwargs)`` function) gets the same answer
+    class Plain:
+        def forward(self, input_ids):
+            return None
+
+    wrapped = Plain()
+    wrapped.forward = lambda *args, **kwargs: None
+    assert no_cache(wrapped) == {}
 
 
 def test_hooks_are_removed_when_a_forward_fails(family_model) -> None:

@@ -77,8 +77,15 @@ def test_xdist_gives_the_serial_results(pytester: pytest.Pytester) -> None:
     assert len(list((pytester.path / "features").glob("*.npz"))) == 1
 
 
-def test_out_of_memory_halves_the_batch_and_gives_the_same_features(tiny_llava_dir: Path, lesion_data: Path) -> None:
-    """A forward that runs out of memory above 2 images: the batch of 8 becomes 4, then 2."""
+@pytest.mark.parametrize("where", ["forward", "last decoder layer"])
+def test_out_of_memory_halves_the_batch_and_gives_the_same_features(
+    tiny_llava_dir: Path, lesion_data: Path, where: str
+) -> None:
+    """A forward that runs out of memory above 2 images: the batch of 8 becomes 4, then 2.
+
+    In the last decoder layer, the vision, connector and earlier decoder hooks have already
+    written their rows of the failed batch: the retry must overwrite every one of them.
+    """
     import torch
 
     from pytest_mllmprobe.extract import ExtractionError
@@ -102,10 +109,21 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_features(tiny_llava_d
             raise torch.OutOfMemoryError("CUDA out of memory (planted)")
         return original(self, *args, **kwargs)
 
+    def small_layer_memory(module, args):
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+
     halved: list[int] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(loaded.model), "forward", small_memory)
-        features = run(8, halved.append)
+        if where == "forward":
+            patch.setattr(type(loaded.model), "forward", small_memory)
+            features = run(8, halved.append)
+        else:
+            planted = loaded.model.get_submodule(stage_map.llm_layers[-1]).register_forward_pre_hook(small_layer_memory)
+            try:
+                features = run(8, halved.append)
+            finally:
+                planted.remove()
         assert halved == [4, 2] and features.batch_size == 2
         for name, values in reference.loci.items():
             np.testing.assert_allclose(features.loci[name], values, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -219,3 +237,34 @@ def test_probes_train_on_the_extraction_device(monkeypatch: pytest.MonkeyPatch, 
     the_plan = engine.plan(Settings(models=("demo",), device="cpu", probe=probe, max_samples=60))
     result = engine.evaluate(the_plan, the_plan.models[0])
     assert asked == ["cuda:1"] and len(result.loci) > 3
+
+
+def test_probes_fall_back_to_the_cpu_when_the_gpu_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pytest_mllmprobe import engine, probes
+    from pytest_mllmprobe.items import model_summary
+    from pytest_mllmprobe.settings import Settings
+
+    settings = Settings(models=("demo",), device="cpu", max_samples=60)
+    the_plan = engine.plan(settings)
+    reference = engine.evaluate(the_plan, the_plan.models[0])
+    assert model_summary(reference)["memory"] is None
+
+    asked: list[str] = []
+    fit = probes.fit_probes
+
+    def small_gpu(*args, device="cpu", **kwargs):
+        asked.append(device)
+        if device != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+        return fit(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(probes, "fit_probes", small_gpu)
+    monkeypatch.setattr(engine, "pick_device", lambda device: torch.device("cuda", 0))
+    result = engine.evaluate(the_plan, the_plan.models[0])
+    assert asked[0] == "cuda:0" and set(asked[1:]) == {"cpu"}
+    assert result.timings["probe_cpu_fallback"] == 1.0
+    assert "probes ran out of accelerator memory and were fitted on the CPU" in model_summary(result)["memory"]
+    assert {name: locus.accuracy for name, locus in result.loci.items()} == \
+        {name: locus.accuracy for name, locus in reference.loci.items()}
