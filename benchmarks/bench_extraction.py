@@ -93,33 +93,21 @@ def _load(the_plan: Any, args: argparse.Namespace) -> tuple[Any, float]:
     return loaded, time.perf_counter() - start
 
 
-def run_bare(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    the_plan = _plan(args)
-    loaded, load_s = _load(the_plan, args)
-    start, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
-        for _, inputs in _batches(the_plan, loaded, args.batch_size):
-            loaded.model(**inputs)
-    _sync(loaded.device)
-    return {"load_s": load_s, "forward_s": time.perf_counter() - start, "forward_cpu_s": time.process_time() - cpu}
-
-
-def run_lean(args: argparse.Namespace) -> dict[str, Any]:
-    """The bare forward with the two savings the engine's forward makes: no KV cache, and the
-    logits of the last position only. The engine minus its hooks, probes and answer."""
+def run_bare(args: argparse.Namespace, lean: bool = False) -> dict[str, Any]:
+    """``model(**inputs)`` per batch; ``lean`` adds the two savings the engine's own forward
+    makes, no KV cache and the logits of the last position only (the engine minus its hooks,
+    probes and answer)."""
     import torch
 
     from pytest_mllmprobe.answer import no_cache
 
     the_plan = _plan(args)
     loaded, load_s = _load(the_plan, args)
-    lean = no_cache(loaded.model)
+    extra = {**no_cache(loaded.model), "logits_to_keep": 1} if lean else {}
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for _, inputs in _batches(the_plan, loaded, args.batch_size):
-            loaded.model(**inputs, **lean, logits_to_keep=1)
+            loaded.model(**inputs, **extra)
     _sync(loaded.device)
     return {"load_s": load_s, "forward_s": time.perf_counter() - start, "forward_cpu_s": time.process_time() - cpu}
 
@@ -213,7 +201,7 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
             "forward_cpu_s": forward_cpu_s, "probe_cpu_s": probe_cpu_s}
 
 
-MODES = {"bare": run_bare, "lean": run_lean, "full": run_full, "naive": run_naive}
+MODES = {"bare": run_bare, "lean": lambda args: run_bare(args, lean=True), "full": run_full, "naive": run_naive}
 
 
 # -- orchestration ------------------------------------------------------------------------------
@@ -254,8 +242,8 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[st
     bare, lean, full, naive = runs["bare"], runs["lean"], runs["full"], runs["naive"]
     full_total = full["forward_s"] + full["probe_s"]
     naive_total = naive["forward_s"] + naive["probe_s"]
-    rss_budget = bare["peak_rss_mb"] + 2 * full["pooled_bytes"] / 2**20
-    lean_budget = lean["peak_rss_mb"] + 2 * full["pooled_bytes"] / 2**20
+    headroom_mb = 2 * full["pooled_bytes"] / 2**20
+    rss_budget, lean_budget = bare["peak_rss_mb"] + headroom_mb, lean["peak_rss_mb"] + headroom_mb
     ratios = {
         "full_over_bare": full["forward_s"] / bare["forward_s"],
         "full_with_probes_over_bare": full_total / bare["forward_s"],
@@ -340,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         model_dir, data_dir = build(workdir, preset, args.images)
         print(f"built model and {args.images} images in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        trials: dict[str, list[dict[str, Any]]] = {mode: [] for mode in ("bare", "lean", "full", "naive")}
+        trials: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
         for _ in range(args.repeats):  # interleaved, so a busy spell hits every run alike
             for mode in trials:
                 trials[mode].append(measure(mode, args, model_dir, data_dir))
