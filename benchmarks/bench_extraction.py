@@ -74,7 +74,7 @@ def _sync(device: Any) -> None:
 
 def _batches(the_plan: Any, loaded: Any, batch_size: int):
     """``(index, inputs)`` per batch: the engine's processor call and prompt, for bare and naive."""
-    from pytest_mllmprobe.extract import prepare_inputs
+    from pytest_mllmprobe.inputs import prepare_inputs
     from pytest_mllmprobe.prompts import DEFAULT_QUESTION, build_prompt
 
     dataset = the_plan.dataset
@@ -99,7 +99,7 @@ def run_bare(args: argparse.Namespace, lean: bool = False) -> dict[str, Any]:
     probes and answer)."""
     import torch
 
-    from pytest_mllmprobe.answer import no_cache
+    from pytest_mllmprobe.inputs import no_cache
 
     the_plan = _plan(args)
     loaded, load_s = _load(the_plan, args)

@@ -9,37 +9,10 @@ names need one extra forward per class and batch.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from .errors import ConfigError
-
-_TAKES_USE_CACHE: dict[type, bool] = {}
-
-
-def no_cache(model: Any) -> dict[str, Any]:
-    """``{"use_cache": False}`` where the model's forward takes it, else ``{}``.
-
-    Scoring and extraction never read the KV cache; building it on every forward costs memory
-    (every layer's keys and values) and raises the peak RSS. A forward that names ``use_cache``
-    takes it. One that only has ``**kwargs`` takes it when its class is transformers' own (they
-    route it to the language model); remote code often hands ``**kwargs`` on to a submodule
-    that rejects it, so there the cache is left to the model. Decided per class, from the
-    class's ``forward`` (an instance's may be wrapped, e.g. by accelerate's device hooks).
-    """
-    kind = type(model)
-    if kind not in _TAKES_USE_CACHE:
-        try:
-            parameters = list(inspect.signature(kind.forward).parameters.values())
-        except (AttributeError, TypeError, ValueError):
-            parameters = []
-        named = any(p.name == "use_cache" for p in parameters)
-        routed = kind.__module__.startswith("transformers.") and any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
-        )
-        _TAKES_USE_CACHE[kind] = named or routed
-    return {"use_cache": False} if _TAKES_USE_CACHE[kind] else {}
-
+from .inputs import no_cache, prepare_inputs
 
 def class_continuations(tokenizer: Any, prompt: str, class_names: list[str]) -> list[list[int]]:
     """Token ids of each class name as it would continue ``prompt``."""
@@ -169,8 +142,6 @@ def generate_answers(
 ) -> list[str]:
     """Greedy generation after each prompt (left padding); the decoded new text per image."""
     import torch
-
-    from .extract import prepare_inputs
 
     tokenizer = getattr(processor, "tokenizer", processor)
     texts: list[str] = []

@@ -19,7 +19,8 @@ import numpy as np
 from .errors import ConfigError
 from .atomic import atomic_write_bytes
 from .results import Check, ModelResult, Verdict
-from .stats import METRICS, holm, mcnemar_regression, paired_difference_interval
+from .settings import METRICS
+from .stats import holm, mcnemar_regression, paired_difference_interval
 
 FORMAT = "pytest-mllmprobe-baseline"
 VERSION = 1

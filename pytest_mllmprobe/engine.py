@@ -11,18 +11,20 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .data import Dataset, fold_indices, load_dataset, split_indices
 from .errors import ConfigError
-from .models import ModelSpec, StageMap, detect_stages, load_model, load_structure, resolve_model
+from .models import LoadedModel, ModelSpec, StageMap, detect_stages, load_model, load_structure, resolve_model
 from .models.load import pick_device
 from .prompts import DEFAULT_QUESTION, build_prompt
-from .results import LocusResult, ModelResult, Results, stage_of
+from .results import LocusResult, ModelResult, Results
 from .settings import Settings
-from .stats import METRICS, chance_level
+
+if TYPE_CHECKING:
+    from .extract import Features
 
 Progress = Callable[[str, int, int], None]
 
@@ -67,6 +69,15 @@ def plan(settings: Settings) -> Plan:
     """Validate data, thresholds and every model's structure; raise ConfigError on bad input."""
     from .thresholds import load_thresholds
 
+    specs = _model_specs(settings)
+    dataset = _dataset(settings, specs)
+    train, test, folds = _split(settings, dataset)
+    threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
+    models = tuple(_model_plan(settings, spec, threshold_set) for spec in specs)
+    return Plan(settings, dataset, train, test, models, folds)
+
+
+def _model_specs(settings: Settings) -> list[ModelSpec]:
     if not settings.models:
         raise ConfigError("no model given: pass --mllm-model demo, a saved model folder, or a hub id")
     specs = [resolve_model(name) for name in settings.models]
@@ -77,23 +88,24 @@ def plan(settings: Settings) -> Plan:
             f"--mllm-model: two models share the name {dupes[0]!r}; give them folders with "
             "different names so their tests can be told apart"
         )
-    dataset = _dataset(settings, specs)
+    return specs
+
+
+def _model_plan(settings: Settings, spec: ModelSpec, threshold_set: Any) -> ModelPlan:
+    """One model's rules and stage map, detected on the ``meta`` device (no weights read)."""
+    structure = load_structure(spec, trust_remote_code=settings.trust_remote_code)
+    unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source))
+    return replace(unmapped, stage_map=detect_stages(structure, *unmapped.stage_overrides(settings)))
+
+
+def _split(settings: Settings, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
+    """``(train, test, folds)``: one split, or k folds whose test parts cover every image."""
     if settings.folds:
         folds = tuple(fold_indices(dataset, settings.folds, settings.seed))
         test = np.sort(np.concatenate([te for _, te in folds]))
-        train = np.array([], dtype=np.int64)
-    else:
-        train, test = split_indices(dataset, settings.test_size, settings.seed)
-        folds = ((train, test),)
-    threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
-    models = []
-    for spec in specs:
-        structure = load_structure(spec, trust_remote_code=settings.trust_remote_code)
-        unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source))
-        stage_map = detect_stages(structure, *unmapped.stage_overrides(settings))
-        del structure
-        models.append(replace(unmapped, stage_map=stage_map))
-    return Plan(settings, dataset, train, test, tuple(models), folds)
+        return np.array([], dtype=np.int64), test, folds
+    train, test = split_indices(dataset, settings.test_size, settings.seed)
+    return train, test, ((train, test),)
 
 
 def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
@@ -116,193 +128,164 @@ def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
 
 
 def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None) -> ModelResult:
-    """Load one model, extract every locus in one pass, fit the probes, judge the rules."""
-    from .answer import class_continuations
-    from .extract import extract
-    from .verdicts import judge, stage_scores
+    """One model through the pipeline: load, extract, answer, probe, score, judge."""
+    run = ModelRun(the_plan, model_plan, progress)
+    features = run.features()  # load + extract + answer, or the feature cache
+    probed = run.probe(features)
+    loci = run.score(features, probed)
+    return run.judge(loci)
 
-    settings = the_plan.settings
-    dataset = the_plan.dataset
-    timings: dict[str, float] = {}
-    class_names = list(dataset.class_names)
-    spoken = list(dataset.display_names)  # the names the prompt lists and the answer is scored on
-    # Detected on the meta device at plan time; replaced by the loaded model's when it loads.
-    stage_map = model_plan.stage_map
-    generated: list[str] | None = None
 
-    halved: list[int] = []
+class ModelRun:
+    """The steps of :func:`evaluate` for one model, sharing its settings, stage map and timings.
 
-    def compute() -> Any:
-        nonlocal stage_map, generated
+    The stage map detected on the ``meta`` device at plan time is replaced by the loaded
+    model's; generated answers (``--mllm-answer generate``) are kept beside the features.
+    """
+
+    def __init__(self, the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None) -> None:
+        self.plan = the_plan
+        self.model_plan = model_plan
+        self.settings = the_plan.settings
+        self.dataset = the_plan.dataset
+        self.progress = progress
+        self.stage_map = model_plan.stage_map
+        #: the names the prompt lists and the answer is scored on
+        self.spoken = list(self.dataset.display_names)
+        self.generated: list[str] | None = None
+        #: the ``answers`` record of the result (set by :meth:`score`)
+        self.answers: dict[str, Any] | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- load, extract, answer ------------------------------------------------------------
+    def features(self) -> Features:
+        """The pooled features and answer scores: from the cache when it holds them."""
+        # Generated answers are not cached: a generate run always loads the model.
+        cache_dir = self.settings.cache_dir if self.settings.answer != "generate" else None
+        if cache_dir is None:
+            return self.compute()
+        from .cache import cached_features, extraction_key
+
+        key, meta = extraction_key(self.plan, self.model_plan)  # reads no weights
+        start = time.perf_counter()
+        features, hit = cached_features(cache_dir, key, self.compute, meta)
+        self.timings["cache"] = 1.0 if hit else 0.0
+        if hit:
+            self.timings.update(load_s=0.0, extract_s=0.0, cache_read_s=time.perf_counter() - start)
+        return features
+
+    def compute(self) -> Features:
+        """Load the model, extract every locus, generate answers if asked; the model is freed after."""
+        loaded = self.load()
+        prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
+        features = self.extract(loaded, prompt)
+        if self.settings.answer == "generate":
+            self.generated = self.answer(loaded, prompt)
+        return features
+
+    def load(self) -> LoadedModel:
         start = time.perf_counter()
         with quiet_transformers():
             loaded = load_model(
-                model_plan.spec, device=settings.device, dtype=settings.dtype,
-                trust_remote_code=settings.trust_remote_code, device_map=settings.device_map,
+                self.model_plan.spec, device=self.settings.device, dtype=self.settings.dtype,
+                trust_remote_code=self.settings.trust_remote_code, device_map=self.settings.device_map,
             )
-        stage_map = detect_stages(loaded.model, *model_plan.stage_overrides(settings))
-        timings["load_s"] = time.perf_counter() - start
-        prompt = build_prompt(loaded.processor, spoken, dataset.prompt or DEFAULT_QUESTION)
+        self.stage_map = detect_stages(loaded.model, *self.model_plan.stage_overrides(self.settings))
+        self.timings["load_s"] = time.perf_counter() - start
+        return loaded
+
+    def extract(self, loaded: LoadedModel, prompt: str) -> Features:
+        """Every locus in one forward pass per batch; out of memory halves the batch size."""
+        from .answer import class_continuations
+        from .extract import extract
+
         tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
-        continuations = class_continuations(tokenizer, prompt, spoken)
+        label, halved = self.model_plan.spec.label, []
         start = time.perf_counter()
         features = extract(
-            loaded.model, loaded.processor, stage_map,
-            images=lambda index: [dataset.image(i) for i in index],
-            prompts=[prompt] * len(dataset),
-            continuations=continuations,
-            batch_size=settings.batch_size, device=loaded.device, dtype=loaded.dtype,
-            progress=(lambda done, total: progress(model_plan.spec.label, done, total)) if progress else None,
+            loaded.model, loaded.processor, self.stage_map,
+            images=lambda index: [self.dataset.image(i) for i in index],
+            prompts=[prompt] * len(self.dataset),
+            continuations=class_continuations(tokenizer, prompt, self.spoken),
+            batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
+            progress=(lambda done, total: self.progress(label, done, total)) if self.progress else None,
             on_oom=halved.append,
         )
-        timings["extract_s"] = time.perf_counter() - start
-        if halved:  # out of memory: the batch size was halved (reported in the summary)
-            timings.update(oom_halvings=float(len(halved)), batch_size_asked=float(settings.batch_size),
-                           batch_size=float(halved[-1]))
-        if settings.answer == "generate":
-            from .answer import generate_answers
+        self.timings["extract_s"] = time.perf_counter() - start
+        if halved:  # reported in the summary
+            self.timings.update(oom_halvings=float(len(halved)), batch_size_asked=float(self.settings.batch_size),
+                                batch_size=float(halved[-1]))
+        return features
 
-            start = time.perf_counter()
-            test_index = [int(i) for i in the_plan.test]
-            generated = generate_answers(
-                loaded.model, loaded.processor, lambda index: [dataset.image(test_index[i]) for i in index],
-                [prompt] * len(test_index), batch_size=settings.batch_size,
-                device=loaded.device, dtype=loaded.dtype,
-            )
-            timings["generate_s"] = time.perf_counter() - start
-        return features  # the model is freed when this returns
+    def answer(self, loaded: LoadedModel, prompt: str) -> list[str]:
+        """Greedy answers to the test images (``--mllm-answer generate``)."""
+        from .answer import generate_answers
 
-    # Generated answers are not cached: a generate run always loads the model.
-    cache_dir = settings.cache_dir if settings.answer != "generate" else None
-    if cache_dir is None:
-        features = compute()
-    else:
-        from .cache import cached_features, extraction_key
-
-        key, meta = extraction_key(the_plan, model_plan)  # reads no weights
         start = time.perf_counter()
-        features, hit = cached_features(cache_dir, key, compute, meta)
-        timings["cache"] = 1.0 if hit else 0.0
-        if hit:
-            timings.update(load_s=0.0, extract_s=0.0, cache_read_s=time.perf_counter() - start)
+        test = [int(i) for i in self.plan.test]
+        texts = generate_answers(
+            loaded.model, loaded.processor, lambda index: [self.dataset.image(test[i]) for i in index],
+            [prompt] * len(test), batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
+        )
+        self.timings["generate_s"] = time.perf_counter() - start
+        return texts
 
-    start = time.perf_counter()
-    labels = dataset.labels
-    test = the_plan.test
-    # the probes train where the features were extracted (a GPU when there is one)
-    probed = _probe_on_device(features.loci, labels, the_plan.folds, test, settings,
-                              str(pick_device(settings.device)), timings)
-    timings["probe_s"] = time.perf_counter() - start
+    # -- probe, score, judge ----------------------------------------------------------------
+    def probe(self, features: Features) -> dict[str, Any]:
+        """Out-of-fold probe outputs of every locus, trained where the features were extracted."""
+        from .probes import cross_fit_on_device
 
-    from .probes import score
+        start = time.perf_counter()
+        probed = cross_fit_on_device(
+            features.loci, self.dataset.labels, self.plan.folds, self.plan.test,
+            kind=self.settings.probe, seed=self.settings.probe_seed,
+            device=str(pick_device(self.settings.device)), timings=self.timings,
+        )
+        self.timings["probe_s"] = time.perf_counter() - start
+        return probed
 
-    y_test = labels[test]
-    k = len(class_names)
-    chance = {m: chance_level(m, y_test, k) for m in METRICS}
-    loci: dict[str, LocusResult] = {}
-    for name in stage_map.loci:
-        if name == "answer":
-            answer_scores = features.answer_scores[test]
-            ok = np.isfinite(answer_scores).all(axis=1)
-            # A NaN/inf answer is no answer: counted wrong.
-            said = np.where(ok, np.nan_to_num(answer_scores).argmax(axis=1), -1)
-            proba = np.where(ok[:, None], _softmax_rows(np.nan_to_num(answer_scores)), 0.0)
-            likelihood = score(y_test, proba, said)
-            answers = {"mode": settings.answer, "likelihood": _answer_summary(likelihood)}
-            chosen = likelihood
-            if generated is not None:
-                from .answer import parse_answer
-                from .probes import one_hot
+    def score(self, features: Features, probed: dict[str, Any]) -> dict[str, LocusResult]:
+        """Every locus's metrics (and the answer's) on the test images, in pipeline order."""
+        from . import scoring
 
-                parsed = np.array([parse_answer(text, spoken) for text in generated])
-                chosen = score(y_test, one_hot(parsed, k), parsed)
-                answers["generate"] = {
-                    **_answer_summary(chosen),
-                    "parse_failure_rate": float(np.mean(parsed < 0)),
-                    "examples": [
-                        {"id": dataset.ids[int(i)], "text": text, "parsed": spoken[p] if p >= 0 else None}
-                        for i, text, p in list(zip(the_plan.test, generated, parsed))[:5]
-                    ],
-                }
-            loci[name] = _locus(name, k, chosen, chance, finite=bool(ok.all()))
-        else:
-            pooled, per_fold, finite = probed[name]
-            loci[name] = _locus(name, features.loci[name].shape[1], pooled, chance, finite=finite,
-                                fold_accuracy=per_fold)
-    metric = model_plan.thresholds.metric
-    stage_values = stage_scores(loci, stage_map.consumed_vision_layers, metric, stage_map.llm_entry)
-    verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, model_plan.thresholds,
-                     stage_map.llm_entry)
-    return ModelResult(
-        label=model_plan.spec.label,
-        source=model_plan.spec.source,
-        stage_map=stage_map.to_dict(),
-        class_names=tuple(class_names),
-        metric=metric,
-        n_train=int(len(the_plan.folds[0][0])),
-        n_test=int(len(test)),
-        loci=loci,
-        scores=stage_values,
-        verdicts=verdicts,
-        thresholds=model_plan.thresholds.to_dict(),
-        timings=timings,
-        answers=answers,
-    )
+        test = self.plan.test
+        y_test = self.dataset.labels[test]
+        k = len(self.dataset.class_names)
+        chance = scoring.chance_levels(y_test, k)
+        answer = scoring.answer_score(
+            y_test, features.answer_scores[test], self.settings.answer, generated=self.generated,
+            spoken=self.spoken, test_ids=[self.dataset.ids[int(i)] for i in test],
+        )
+        self.answers = answer.answers
+        position = {int(i): n for n, i in enumerate(test)}
+        folds = [np.array([position[int(i)] for i in fold_test]) for _, fold_test in self.plan.folds]
+        loci: dict[str, LocusResult] = {}
+        for name in self.stage_map.loci:
+            if name == "answer":
+                loci[name] = scoring.locus_result(name, k, answer.chosen, chance, finite=answer.finite)
+                continue
+            out = probed[name]
+            probe_score = scoring.score(y_test, out.probabilities)
+            loci[name] = scoring.locus_result(
+                name, features.loci[name].shape[1], probe_score, chance, finite=out.finite,
+                fold_accuracy=scoring.fold_accuracies(probe_score.correct, folds),
+            )
+        return loci
 
+    def judge(self, loci: dict[str, LocusResult]) -> ModelResult:
+        """Stage scores and every rule's verdict: the model's result."""
+        from .verdicts import judge, stage_scores
 
-def _probe_on_device(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray,
-                     settings: Settings, device: str, timings: dict[str, float]) -> dict[str, Any]:
-    """:func:`_probe_loci` on ``device``; out of memory on an accelerator falls back to the CPU.
-
-    The extraction's cached accelerator memory is handed back first (the model is gone by now).
-    A fallback is recorded as ``timings["probe_cpu_fallback"]`` and said in the run summary.
-    """
-    if device == "cpu":
-        return _probe_loci(features, labels, folds, test, settings, device)
-    import torch
-
-    from .extract import free_accelerator_memory
-
-    free_accelerator_memory()
-    try:
-        return _probe_loci(features, labels, folds, test, settings, device)
-    except torch.OutOfMemoryError:
-        free_accelerator_memory()
-        timings["probe_cpu_fallback"] = 1.0
-        return _probe_loci(features, labels, folds, test, settings, "cpu")
-
-
-def _probe_loci(features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray,
-                settings: Settings, device: str = "cpu") -> dict[str, tuple[Any, list[float] | None, bool]]:
-    """Probe every locus on every fold; pool the out-of-fold outcomes in ``test`` order.
-
-    Returns, per locus: the pooled score, the per-fold accuracies (``None`` for one split), and
-    whether its features were finite (NaN/inf loci are scored as the best constant guess).
-    """
-    from .probes import fit_probes, majority_score, score
-
-    k = int(labels.max()) + 1
-    finite = {name: bool(np.isfinite(X).all()) for name, X in features.items()}
-    usable = {name: X for name, X in features.items() if finite[name]}
-    position = {int(i): n for n, i in enumerate(test)}
-    predicted = {name: np.full(len(test), -1) for name in features}
-    proba = {name: np.zeros((len(test), k)) for name in features}
-    per_fold: dict[str, list[float]] = {name: [] for name in features}
-    for train, fold_test in folds:
-        scores = fit_probes(usable, labels, train, fold_test, kind=settings.probe, seed=settings.probe_seed,
-                            device=device)
-        where = [position[int(i)] for i in fold_test]
-        for name in features:
-            fold_score = scores[name] if finite[name] else majority_score(labels[train], labels[fold_test], k)
-            predicted[name][where] = fold_score.predicted
-            proba[name][where] = fold_score.probabilities
-            per_fold[name].append(fold_score.accuracy)
-    y_test = labels[test]
-    return {
-        name: (score(y_test, proba[name], predicted[name]),
-               per_fold[name] if len(folds) > 1 else None, finite[name])
-        for name in features
-    }
+        stage_map, thresholds = self.stage_map, self.model_plan.thresholds
+        stage_values = stage_scores(loci, stage_map.consumed_vision_layers, thresholds.metric, stage_map.llm_entry)
+        verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, thresholds, stage_map.llm_entry)
+        return ModelResult(
+            label=self.model_plan.spec.label, source=self.model_plan.spec.source, stage_map=stage_map.to_dict(),
+            class_names=tuple(self.dataset.class_names), metric=thresholds.metric,
+            n_train=int(len(self.plan.folds[0][0])), n_test=int(len(self.plan.test)),
+            loci=loci, scores=stage_values, verdicts=verdicts, thresholds=thresholds.to_dict(),
+            timings=self.timings, answers=self.answers,
+        )
 
 
 @contextlib.contextmanager
@@ -320,29 +303,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _answer_summary(answer: Any) -> dict[str, float | None]:
-    return {m: (float(answer.metric(m)) if np.isfinite(answer.metric(m)) else None) for m in METRICS}
-
-
-def _softmax_rows(values: np.ndarray) -> np.ndarray:
-    shifted = values - values.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _locus(name: str, dim: int, probe_score: Any, chance: dict[str, float], finite: bool = True,
-           fold_accuracy: list[float] | None = None) -> LocusResult:
-    parts = name.split(".")
-    layer = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-    readout = parts[2] if len(parts) > 2 else None
-    return LocusResult(
-        name=name, stage=stage_of(name), layer=layer, readout=readout, dim=int(dim),
-        accuracy=probe_score.accuracy, balanced_accuracy=probe_score.balanced_accuracy,
-        macro_f1=probe_score.macro_f1, auroc=probe_score.auroc,
-        chance=dict(chance), correct=probe_score.correct, finite=finite, fold_accuracy=fold_accuracy,
-    )
 
 
 class Evaluator:

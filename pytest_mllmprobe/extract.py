@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .answer import no_cache, scores_by_continuation, scores_from_last_logits, single_token
+from .answer import scores_by_continuation, scores_from_last_logits, single_token
 from .errors import ConfigError
+from .inputs import last_prompt_index, no_cache, prepare_inputs
 from .models.families import Segments, family, segments
 from .models.stages import StageMap
 
@@ -267,47 +268,6 @@ class PoolingHooks:
             self._store(f"llm.{index}.last", hidden[rows, self._last_index.to(hidden.device)].float())
 
         return hook
-
-
-def last_prompt_index(attention_mask: Any) -> Any:
-    """Index of the last attended position per row: correct for left and right padding."""
-    import torch
-
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
-
-
-def prepare_inputs(
-    processor: Any, images: list[Any], prompts: list[str], device: Any, dtype: Any, padding_side: str = "left",
-    *, nested: bool = False,
-) -> dict[str, Any]:
-    """Run the processor (left padding by default); move tensors to the device (floats to ``dtype``).
-
-    ``nested`` passes the images as one list per prompt, for processors that ask for it.
-    """
-    import torch
-
-    tokenizer = getattr(processor, "tokenizer", processor)
-    side = getattr(tokenizer, "padding_side", None)
-    try:
-        tokenizer.padding_side = padding_side
-        batch = processor(
-            images=[[image] for image in images] if nested else images, text=prompts,
-            return_tensors="pt", padding=True,
-        )
-    finally:
-        if side is not None:
-            tokenizer.padding_side = side
-    moved = {}
-    for key, value in batch.items():
-        if key == "labels":  # training targets some processors add (PaliGemma): never a model input here
-            continue
-        if isinstance(value, torch.Tensor):
-            value = value.to(device)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        moved[key] = value
-    return moved
 
 
 def extract(

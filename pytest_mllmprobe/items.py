@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from .health import FAILURE_MODES, STAGE_ORDER
-
-
+from .options import MARKER, XUNIT_WITH_TESTCASE_PROPERTIES, junit_family
 
 class ProbeFailure(AssertionError):
     """A probe or stage rule is below its threshold; ``repr_failure`` prints the table."""
@@ -50,8 +49,6 @@ class ProbeItem(pytest.Item):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        from .plugin import MARKER
-
         self.add_marker(MARKER)
         self.figures: dict[str, Any] | None = None
         self.model_summary: dict[str, Any] | None = None
@@ -67,8 +64,6 @@ class ProbeItem(pytest.Item):
         verdict = result.verdicts[self.name]
         self.figures = figures(result, verdict)
         self.model_summary = model_summary(result)
-        from .plugin import XUNIT_WITH_TESTCASE_PROPERTIES, junit_family
-
         if junit_family(self.config) in XUNIT_WITH_TESTCASE_PROPERTIES:
             self.user_properties.extend(
                 (key, value) for key, value in self.figures.items() if value is not None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import accuracy, auroc, balanced_accuracy, macro_f1
+from .scoring import ProbeScore, one_hot, score, softmax_rows
 
 PROBES = ("linear", "mlp", "sklearn")
 
@@ -166,7 +166,7 @@ def _linear_proba(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray) -> np.
     z = np.matmul(X.astype(np.float64), coef.astype(np.float64)) + intercept[:, None, :]
     if z.shape[-1] == 1:
         z = np.concatenate([np.zeros_like(z), z], axis=-1)
-    return _softmax(z)
+    return softmax_rows(z)
 
 
 class MLPProbe:
@@ -294,62 +294,10 @@ def _mlp_logits(params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
     return np.matmul(hidden, params["w2"]) + params["b2"]
 
 
-@dataclass(frozen=True)
-class ProbeScore:
-    """A probe's outcome on the test split: metrics, per-sample predictions and class scores.
-
-    ``probabilities`` is ``[n_test, K]`` (columns in class-index order), used for AUROC.
-    """
-
-    accuracy: float
-    balanced_accuracy: float
-    macro_f1: float
-    auroc: float
-    correct: np.ndarray
-    predicted: np.ndarray
-    probabilities: np.ndarray
-
-    def metric(self, name: str) -> float:
-        return float(getattr(self, name))
-
-
-def score(y_true: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray | None = None) -> ProbeScore:
-    """Score class probabilities ``[n, K]``; ``predicted`` defaults to their argmax (-1: no answer)."""
-    y_true = np.asarray(y_true)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if predicted is None:
-        predicted = probabilities.argmax(axis=1)
-    predicted = np.asarray(predicted)
-    k = probabilities.shape[1]
-    return ProbeScore(
-        accuracy=accuracy(y_true, predicted),
-        balanced_accuracy=balanced_accuracy(y_true, predicted),
-        macro_f1=macro_f1(y_true, predicted, k),
-        auroc=auroc(y_true, probabilities),
-        correct=y_true == predicted,
-        predicted=predicted,
-        probabilities=probabilities,
-    )
-
-
-def one_hot(predicted: np.ndarray, k: int) -> np.ndarray:
-    """Probabilities that put all mass on ``predicted`` (a row of -1 gets none)."""
-    out = np.zeros((len(predicted), k))
-    rows = np.flatnonzero(np.asarray(predicted) >= 0)
-    out[rows, np.asarray(predicted)[rows]] = 1.0
-    return out
-
-
 def majority_score(y_train: np.ndarray, y_test: np.ndarray, k: int) -> ProbeScore:
     """The score of always answering the most frequent training class."""
     majority = np.bincount(np.asarray(y_train), minlength=k).argmax()
     return score(y_test, one_hot(np.full(len(y_test), majority), k))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _full_columns(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
@@ -359,7 +307,7 @@ def _full_columns(proba: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def fit_probes(
+def fit_predict(
     features: dict[str, np.ndarray],
     labels: np.ndarray,
     train: np.ndarray,
@@ -368,19 +316,19 @@ def fit_probes(
     kind: str = "linear",
     seed: int = 0,
     device: str = "cpu",
-) -> dict[str, ProbeScore]:
-    """Train one probe per locus on ``train`` and score it on ``test``.
+) -> dict[str, np.ndarray]:
+    """Train one probe per locus on ``train``; its class probabilities on ``test`` (``[n_test, K]``).
 
     ``linear`` and ``mlp`` probes of all loci of the same width are fitted together, as one
     batched problem on ``device`` (the engine passes the extraction device); ``sklearn`` fits
     scikit-learn's ``LogisticRegression(C=1)`` per locus on the CPU (the reference the
-    ``linear`` probe is tested against).
+    ``linear`` probe is tested against). Columns are all ``K = labels.max() + 1`` classes.
     """
     if kind not in PROBES:
         raise ValueError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
-    y_train, y_test = labels[train], labels[test]
+    y_train = labels[train]
     k = int(labels.max()) + 1
-    results: dict[str, ProbeScore] = {}
+    results: dict[str, np.ndarray] = {}
     if kind == "sklearn":
         from sklearn.linear_model import LogisticRegression
 
@@ -388,8 +336,7 @@ def fit_probes(
             X = _check_X(X, None, "sklearn probe")
             scaler = _Standardiser().fit(X[train])
             model = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(X[train]), y_train)
-            proba = model.predict_proba(scaler.transform(X[test]))
-            results[name] = score(y_test, _full_columns(proba, model.classes_, k))
+            results[name] = _full_columns(model.predict_proba(scaler.transform(X[test])), model.classes_, k)
         return results
     by_width: dict[int, list[str]] = {}
     for name, X in features.items():
@@ -405,10 +352,75 @@ def fit_probes(
             probabilities = _linear_proba(coef, intercept, x_test)
         else:
             params = _train_mlps(x_train, codes, len(classes), cfg, device=device)
-            probabilities = _softmax(_mlp_logits(params, x_test))
+            probabilities = softmax_rows(_mlp_logits(params, x_test))
         for name, proba in zip(names, probabilities):
-            results[name] = score(y_test, _full_columns(proba, classes, k))
+            results[name] = _full_columns(proba, classes, k)
     return {name: results[name] for name in features}
+
+
+def fit_probes(
+    features: dict[str, np.ndarray], labels: np.ndarray, train: np.ndarray, test: np.ndarray, *,
+    kind: str = "linear", seed: int = 0, device: str = "cpu",
+) -> dict[str, ProbeScore]:
+    """:func:`fit_predict`, each locus scored on ``labels[test]``."""
+    predicted = fit_predict(features, labels, train, test, kind=kind, seed=seed, device=device)
+    return {name: score(labels[test], proba) for name, proba in predicted.items()}
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """One locus's probe outputs for the run's test images, each from the fold that held it out.
+
+    ``probabilities`` is ``[n_test, K]`` in test order; ``finite`` is False when the locus's
+    features hold NaN/inf, and then each fold answers its training majority class instead.
+    """
+
+    probabilities: np.ndarray
+    finite: bool
+
+
+def cross_fit(
+    features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray, *,
+    kind: str = "linear", seed: int = 0, device: str = "cpu",
+) -> dict[str, OutOfFold]:
+    """Probe every locus on every ``(train, fold_test)`` of ``folds``; pool the held-out
+    probabilities in ``test`` order (``test`` is the union of the folds' test parts)."""
+    k = int(labels.max()) + 1
+    finite = {name: bool(np.isfinite(X).all()) for name, X in features.items()}
+    usable = {name: X for name, X in features.items() if finite[name]}
+    position = {int(i): n for n, i in enumerate(test)}
+    proba = {name: np.zeros((len(test), k)) for name in features}
+    for train, fold_test in folds:
+        fitted = fit_predict(usable, labels, train, fold_test, kind=kind, seed=seed, device=device)
+        majority = one_hot(np.full(len(fold_test), np.bincount(labels[train], minlength=k).argmax()), k)
+        where = [position[int(i)] for i in fold_test]
+        for name in features:
+            proba[name][where] = fitted[name] if finite[name] else majority
+    return {name: OutOfFold(proba[name], finite[name]) for name in features}
+
+
+def cross_fit_on_device(
+    features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray, *,
+    kind: str, seed: int, device: str, timings: dict[str, float],
+) -> dict[str, OutOfFold]:
+    """:func:`cross_fit` on ``device``; out of accelerator memory, on the CPU instead.
+
+    The extraction's cached accelerator memory is handed back first (the model is gone by now).
+    A fallback is recorded as ``timings["probe_cpu_fallback"]`` and said in the run summary.
+    """
+    if device == "cpu":
+        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device=device)
+    import torch
+
+    from .extract import free_accelerator_memory
+
+    free_accelerator_memory()
+    try:
+        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device=device)
+    except torch.OutOfMemoryError:
+        free_accelerator_memory()
+        timings["probe_cpu_fallback"] = 1.0
+        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device="cpu")
 
 
 def _standardised_stack(

@@ -1,56 +1,16 @@
-"""Small statistics helpers: chance levels, chance-corrected scores, Wilson intervals."""
+"""Statistics the libraries lack, and thin wrappers of those they have.
+
+Hand-written here because neither scipy nor scikit-learn has them: chance levels of a metric,
+chance-corrected scores, the Wald interval of a paired difference and Holm's step-down
+adjustment. Wilson intervals and the exact McNemar test are scipy's (``binomtest``). The
+metrics themselves are scikit-learn's, in :mod:`pytest_mllmprobe.scoring`.
+"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Fraction of exact matches."""
-    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else float("nan")
-
-
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``y_true``."""
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in ``y_true`` or ``y_pred``."""
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    scores = []
-    for c in range(n_classes):
-        tp = float(np.sum((y_pred == c) & (y_true == c)))
-        fp = float(np.sum((y_pred == c) & (y_true != c)))
-        fn = float(np.sum((y_pred != c) & (y_true == c)))
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else float("nan")
-
-
-def auroc(y_true: np.ndarray, probabilities: np.ndarray) -> float:
-    """Macro one-vs-rest ROC AUC (binary: the AUC of class 1), ties counted half."""
-    y_true = np.asarray(y_true)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    k = probabilities.shape[1]
-    classes = [1] if k == 2 else range(k)
-    values = []
-    for c in classes:
-        positive = probabilities[y_true == c, c]
-        negative = probabilities[y_true != c, c]
-        if len(positive) == 0 or len(negative) == 0:
-            continue
-        greater = (positive[:, None] > negative[None, :]).sum()
-        ties = (positive[:, None] == negative[None, :]).sum()
-        values.append((greater + 0.5 * ties) / (len(positive) * len(negative)))
-    return float(np.mean(values)) if values else float("nan")
 
 
 def chance_level(metric: str, y_test: np.ndarray, n_classes: int) -> float:
@@ -78,18 +38,14 @@ def above_chance(value: float, chance: float) -> float:
     return (value - chance) / (1.0 - chance)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default)."""
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (scipy's ``binomtest``; 95% by default)."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def mcnemar_regression(reference: np.ndarray, current: np.ndarray) -> float:
@@ -105,10 +61,11 @@ def mcnemar_regression(reference: np.ndarray, current: np.ndarray) -> float:
         raise ValueError(f"paired arrays differ in length: {reference.shape} vs {current.shape}")
     b = int(np.sum(reference & ~current))
     c = int(np.sum(~reference & current))
-    n = b + c
-    if n == 0:
+    if b + c == 0:
         return 1.0
-    return float(sum(math.comb(n, i) for i in range(b, n + 1)) / 2.0**n)
+    from scipy.stats import binomtest
+
+    return float(binomtest(b, b + c, 0.5, alternative="greater").pvalue)
 
 
 def paired_difference_interval(reference: np.ndarray, current: np.ndarray, z: float = 1.96) -> tuple[float, float]:

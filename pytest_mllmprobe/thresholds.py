@@ -37,9 +37,9 @@ except ImportError:  # Python 3.10
     from importlib.abc import Traversable
 
 from .errors import ConfigError, close_matches
+from .settings import METRICS
 
 VERSION = 1
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 STAGES = ("vision", "connector", "llm", "answer")
 LOCUS_KEYS = ("min_above_chance", "floor")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {

@@ -136,7 +136,7 @@ def test_features_do_not_depend_on_batch_size_position_or_padding(family_model, 
 def test_images_of_one_batch_are_split_by_their_own_patch_or_tile_counts(family_model, seven_images) -> None:
     import torch
 
-    from pytest_mllmprobe.extract import prepare_inputs
+    from pytest_mllmprobe.inputs import prepare_inputs
     from pytest_mllmprobe.models.families import family
 
     loaded, stage_map = family_model

@@ -115,7 +115,7 @@ def test_no_forward_builds_a_kv_cache(family_model, seven_images) -> None:
 
 
 def test_no_cache_is_only_passed_to_a_forward_that_takes_it() -> None:
-    from pytest_mllmprobe.answer import no_cache
+    from pytest_mllmprobe.inputs import no_cache
 
     class Strict:
         def forward(self, input_ids, attention_mask=None):

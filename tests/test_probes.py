@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pytest_mllmprobe.probes import LinearProbe, MLPProbe, fit_probes, majority_score
-from pytest_mllmprobe.stats import above_chance, balanced_accuracy, chance_level, wilson_interval
+from pytest_mllmprobe.scoring import balanced_accuracy
+from pytest_mllmprobe.stats import above_chance, chance_level, wilson_interval
 
 
 def planted(n: int = 240, d: int = 20, k: int = 3, signal: float = 3.0, seed: int = 0):

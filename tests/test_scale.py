@@ -226,13 +226,13 @@ def test_probes_train_on_the_extraction_device(monkeypatch: pytest.MonkeyPatch, 
     from pytest_mllmprobe.settings import Settings
 
     asked: list[str] = []
-    fit = probes.fit_probes
+    fit = probes.fit_predict
 
     def spy(*args, device="cpu", **kwargs):
         asked.append(device)
         return fit(*args, **kwargs)  # this machine may have no GPU: fit on the CPU
 
-    monkeypatch.setattr(probes, "fit_probes", spy)
+    monkeypatch.setattr(probes, "fit_predict", spy)
     monkeypatch.setattr(engine, "pick_device", lambda device: torch.device("cuda", 1))
     the_plan = engine.plan(Settings(models=("demo",), device="cpu", probe=probe, max_samples=60))
     result = engine.evaluate(the_plan, the_plan.models[0])
@@ -252,7 +252,7 @@ def test_probes_fall_back_to_the_cpu_when_the_gpu_runs_out_of_memory(monkeypatch
     assert model_summary(reference)["memory"] is None
 
     asked: list[str] = []
-    fit = probes.fit_probes
+    fit = probes.fit_predict
 
     def small_gpu(*args, device="cpu", **kwargs):
         asked.append(device)
@@ -260,7 +260,7 @@ def test_probes_fall_back_to_the_cpu_when_the_gpu_runs_out_of_memory(monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory (planted)")
         return fit(*args, device=device, **kwargs)
 
-    monkeypatch.setattr(probes, "fit_probes", small_gpu)
+    monkeypatch.setattr(probes, "fit_predict", small_gpu)
     monkeypatch.setattr(engine, "pick_device", lambda device: torch.device("cuda", 0))
     result = engine.evaluate(the_plan, the_plan.models[0])
     assert asked[0] == "cuda:0" and set(asked[1:]) == {"cpu"}

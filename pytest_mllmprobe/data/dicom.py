@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .images import SKIP_HINT, minmax_to_uint8, scale_to_uint8
+from .pixels import SKIP_HINT, minmax_to_uint8, scale_to_uint8
 
 DICOM_EXTRA = 'pip install "pytest-mllmprobe[dicom]"'
 

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .dicom import dicom_problem, read_dicom
+from .pixels import SKIP_HINT, scale_to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-SKIP_HINT = "--mllm-skip-bad-images (skip_bad_images=True in Python)"
 
 _DICOM_MAGIC_OFFSET = 128
 
@@ -55,37 +56,6 @@ def is_image_file(path: Path) -> bool:
     if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
         return True
     return suffix == "" and is_dicom(path)
-
-
-def scale_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale a wide-range array to ``uint8`` by the module's rules (float 0..1 x255, else min-max)."""
-    array = np.asarray(array)
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    values = _finite(array.astype(np.float64))
-    if np.issubdtype(array.dtype, np.floating) and values.min() >= 0.0 and values.max() <= 1.0:
-        return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
-    return minmax_to_uint8(values)
-
-
-def minmax_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Linear map of the image's own minimum..maximum to 0..255 (a constant image is black)."""
-    values = _finite(np.asarray(array, dtype=np.float64))
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - low) / (high - low) * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def _finite(values: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(values)
-    if finite.all():
-        return values
-    fill = values[finite].min() if finite.any() else 0.0
-    return np.where(finite, values, fill)
 
 
 def array_problem(array: Any) -> str | None:
@@ -141,8 +111,6 @@ def load_image(path: str | Path):
     from PIL import Image
 
     if is_dicom(path):
-        from .dicom import read_dicom
-
         return read_dicom(path)
     try:
         with Image.open(path) as image:
@@ -164,8 +132,6 @@ def file_problem(path: str | Path) -> str | None:
     from PIL import Image
 
     if is_dicom(path):
-        from .dicom import dicom_problem
-
         return dicom_problem(path)
     try:
         with Image.open(path) as image:
