@@ -17,14 +17,19 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, remove_stale
 from .results import Check, ModelResult, Verdict
 from .settings import METRICS
 from .stats import holm, mcnemar_regression, paired_difference_interval
 
 FORMAT = "pytest-mllmprobe-baseline"
-VERSION = 1
+#: 2: settings hold the answer mode and the folds; every entry is schema-checked on load
+VERSION = 2
 SAVE_HINT = "create it with --mllm-save-baseline PATH (or --mllm-update-baseline)"
+#: The run settings a baseline entry records (what decided its numbers).
+SETTINGS_KEPT = ("probe", "answer", "folds", "test_size", "seed", "max_samples", "dtype", "batch_size")
+#: Settings whose change makes a comparison meaningless: it refuses instead of reporting regressions.
+SETTINGS_COMPARED = ("probe", "answer")
 #: Stage test -> (stage score, the locus whose paired outcomes test it).
 STAGE_FIGURES = {"vision": "FHS_V", "connector": "FHS_C", "llm": "FHS_L", "answer": "P_final"}
 
@@ -50,7 +55,7 @@ def entry_from_result(result: ModelResult, data: dict[str, Any], settings: dict[
         "metric": result.metric,
         "class_names": list(result.class_names),
         "data": {"fingerprint": data["fingerprint"], "test_ids": list(data["test_ids"])},
-        "settings": {k: settings[k] for k in ("probe", "test_size", "seed", "max_samples", "dtype", "batch_size") if k in settings},
+        "settings": {k: settings[k] for k in SETTINGS_KEPT if k in settings},
         "loci": {
             name: {
                 **{m: _finite_or_none(locus.metric(m)) for m in METRICS},
@@ -67,7 +72,9 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def load_baseline(path: str | os.PathLike[str], flag: str = "--mllm-baseline") -> dict[str, Any]:
-    """Read a baseline file; a missing or foreign file is a ConfigError saying how to make one."""
+    """Read and schema-check a baseline file; ConfigError naming the file, key and fix otherwise."""
+    from .schema import BASELINE_ENTRY, MapOf, check, failer
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{flag} {str(path)!r} does not exist; {SAVE_HINT}")
@@ -78,17 +85,37 @@ def load_baseline(path: str | os.PathLike[str], flag: str = "--mllm-baseline") -
             f"{flag} {str(path)!r} is not a readable JSON baseline ({exc}); delete it or choose "
             "another path, then save the baseline again"
         ) from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ConfigError(
-            f"{flag} {str(path)!r} is not a pytest-mllmprobe baseline (version {VERSION}); delete "
-            "it or choose another path, then save the baseline again"
+            f"{flag} {str(path)!r} is not a pytest-mllmprobe baseline (no \"format\": {FORMAT!r}); "
+            "delete it or choose another path, then save the baseline again"
         )
+    if doc.get("version") != VERSION:
+        raise ConfigError(
+            f"{flag} {str(path)!r}: key version is {doc.get('version')!r}, this release reads baseline "
+            f"version {VERSION}; re-create it with --mllm-update-baseline (same data and settings)"
+        )
+    fix = "re-create it with --mllm-update-baseline, or restore the file"
+    check(doc, {"models": MapOf(BASELINE_ENTRY)}, "", failer(f"{flag} {str(path)!r}", fix))
+    for label, entry in doc["models"].items():
+        where = f"{flag} {str(path)!r}: models.{label}"
+        if sorted(entry["loci"]) != sorted(entry["loci_names"]):
+            raise ConfigError(f"{where}.loci does not hold the loci that loci_names lists; {fix}")
+        n = len(entry["data"]["test_ids"])
+        for name, locus in entry["loci"].items():
+            if len(locus["correct"]) != n or any(c not in (0, 1) for c in locus["correct"]):
+                raise ConfigError(
+                    f"{where}.loci.{name}.correct must hold one 0/1 per test image ({n}), got "
+                    f"{len(locus['correct'])} values; {fix}"
+                )
     return doc
 
 
 def check_compatible(entry: dict[str, Any] | None, label: str, path: str, *, fingerprint: str,
-                     test_ids: list[str], loci: tuple[str, ...], class_names: list[str]) -> None:
-    """Raise ConfigError when a baseline entry was measured on other data, split or architecture."""
+                     test_ids: list[str], loci: tuple[str, ...], class_names: list[str],
+                     settings: dict[str, Any] | None = None, metric: str | None = None) -> None:
+    """Raise ConfigError when a baseline entry was measured on other data, split, architecture,
+    probe, answer mode or metric: comparing them would report differences that are not regressions."""
     fix = "re-create it with --mllm-update-baseline if this change is intended"
     if entry is None:
         raise ConfigError(f"--mllm-baseline {path!r} has no entry for model {label!r}; add it with --mllm-update-baseline")
@@ -101,13 +128,26 @@ def check_compatible(entry: dict[str, Any] | None, label: str, path: str, *, fin
     if entry["data"]["test_ids"] != test_ids:
         raise ConfigError(
             f"--mllm-baseline {path!r}: model {label!r} was measured on another train/test split "
-            f"(check --mllm-seed, --mllm-test-size and --mllm-max-samples against the baseline's "
-            f"{entry['settings']}); {fix}"
+            f"(check --mllm-seed, --mllm-folds, --mllm-test-size and --mllm-max-samples against the "
+            f"baseline's {entry['settings']}); {fix}"
         )
     if list(entry["loci_names"]) != list(loci):
         raise ConfigError(
             f"--mllm-baseline {path!r}: model {label!r} has another architecture "
             f"({len(entry['loci_names'])} loci in the baseline, {len(loci)} now); {fix}"
+        )
+    for key in SETTINGS_COMPARED:
+        then, now = entry["settings"].get(key), (settings or {}).get(key)
+        if settings is not None and then != now:
+            raise ConfigError(
+                f"--mllm-baseline {path!r}: model {label!r} was measured with --mllm-{key} {then}, this "
+                f"run uses --mllm-{key} {now}: the numbers are not comparable; run with --mllm-{key} "
+                f"{then}, or {fix}"
+            )
+    if metric is not None and entry["metric"] != metric:
+        raise ConfigError(
+            f"--mllm-baseline {path!r}: model {label!r} was gated on metric {entry['metric']}, this run "
+            f"on {metric} (--mllm-metric or the threshold files); use the same metric, or {fix}"
         )
 
 
@@ -147,8 +187,10 @@ def merge(existing: dict[str, Any] | None, entries: dict[str, tuple[dict[str, An
 
 
 def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path`` (leftovers of
+    killed runs beside it are removed first)."""
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    remove_stale(Path(path).parent)
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .extract import Features
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale
 from .data.images import quick_file_hash
 
 FORMAT = 1
@@ -207,13 +207,24 @@ def save_features(
     return arrays_path
 
 
+class CacheUnavailable(OSError):
+    """The cache folder cannot be written (read-only, no permission): the lock cannot be taken."""
+
+
 @contextlib.contextmanager
 def locked(cache_dir: str | os.PathLike[str], key: str) -> Iterator[Path]:
-    """Hold an exclusive cross-process lock on ``key`` (blocks until it is free)."""
+    """Hold an exclusive cross-process lock on ``key`` (blocks until it is free).
+
+    Raises :class:`CacheUnavailable` when the lock file cannot be created or opened.
+    """
     root = Path(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
     lock_path = root / f"{key}.lock"
-    with open(lock_path, "a+b") as fh:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+b")
+    except OSError as exc:
+        raise CacheUnavailable(exc.errno, f"cannot take the lock {lock_path}: {exc.strerror or exc}") from exc
+    with fh:
         try:
             import fcntl
         except ImportError:  # Windows: no flock; concurrent workers may both extract (still safe)
@@ -231,14 +242,29 @@ def cached_features(
 ) -> tuple[Features, bool]:
     """``(features, hit)``: the entry of ``key``, or ``compute()`` saved under it, under the lock.
 
-    ``cache_dir=None`` disables the cache (``compute()`` every time).
+    ``cache_dir=None`` disables the cache (``compute()`` every time). A cache that cannot be
+    written still serves a complete entry (read without the lock: entries are only ever replaced
+    whole); otherwise the features are computed and not kept, with one :class:`CacheWarning`.
+    Leftovers of killed runs (temporary files) are removed first.
     """
     if cache_dir is None:
         return compute(), False
-    with locked(cache_dir, key):
+    remove_stale(cache_dir)
+    try:
+        with locked(cache_dir, key):  # only locked() raises CacheUnavailable
+            features = load_features(cache_dir, key)
+            if features is not None:
+                return features, True
+            features = compute()
+            try:
+                save_features(cache_dir, key, features, meta)
+            except OSError as exc:  # full disk, lost permission: the run goes on without keeping them
+                warnings.warn(CacheWarning(f"could not keep the features in {cache_dir}: {exc}"), stacklevel=2)
+            return features, False
+    except CacheUnavailable as exc:
         features = load_features(cache_dir, key)
         if features is not None:
             return features, True
-        features = compute()
-        save_features(cache_dir, key, features, meta)
-        return features, False
+        warnings.warn(CacheWarning(f"the feature cache is not used: {exc}; the features are computed and not kept"),
+                      stacklevel=2)
+        return compute(), False

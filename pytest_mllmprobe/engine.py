@@ -70,11 +70,27 @@ def plan(settings: Settings) -> Plan:
     from .thresholds import load_thresholds
 
     specs = _model_specs(settings)
+    _preflight(settings, specs)
     dataset = _dataset(settings, specs)
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = tuple(_model_plan(settings, spec, threshold_set) for spec in specs)
     return Plan(settings, dataset, train, test, models, folds)
+
+
+def _preflight(settings: Settings, specs: list[ModelSpec]) -> None:
+    """The device exists; every local model folder's config can be read (remote code only when the
+    user opts in) and its weight files are whole (headers only)."""
+    from pathlib import Path
+
+    from .models.load import load_config
+    from .preflight import check_device, check_weights
+
+    check_device(settings.device)
+    for spec in specs:
+        if Path(spec.source).is_dir():
+            load_config(spec, settings.trust_remote_code)
+            check_weights(spec.source)
 
 
 def _model_specs(settings: Settings) -> list[ModelSpec]:
@@ -349,6 +365,7 @@ class Evaluator:
                     self.baseline["models"].get(model.spec.label), model.spec.label, settings.baseline,
                     fingerprint=summary["fingerprint"], test_ids=summary["test_ids"],
                     loci=model.loci, class_names=list(the_plan.dataset.class_names),
+                    settings=settings.to_dict(), metric=model.thresholds.metric,
                 )
 
     def model_plan(self, label: str) -> ModelPlan:

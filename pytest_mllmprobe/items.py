@@ -15,6 +15,15 @@ import pytest
 from .health import FAILURE_MODES, STAGE_ORDER
 from .options import MARKER, XUNIT_WITH_TESTCASE_PROPERTIES, junit_family
 
+#: key of ``config.workeroutput`` that carries a worker's usage error to the xdist controller
+USAGE_ERROR_KEY = "mllmprobe_usage_error"
+TIMEOUT_HINT = (
+    "it runs once, in the model's first test, for all its tests, and is not restarted: give it "
+    "time with a longer --timeout, or set timeout_func_only = true (the limit then applies to "
+    "each test's own check, not to the shared evaluation)"
+)
+
+
 class ProbeFailure(AssertionError):
     """A probe or stage rule is below its threshold; ``repr_failure`` prints the table."""
 
@@ -23,8 +32,33 @@ class ProbeFailure(AssertionError):
         self.text = text
 
 
+def end_with_usage_error(node: pytest.Node, message: str) -> None:
+    """Stop the session with exit code 4 and ``message``: bad input is not a failing model.
+
+    Under pytest-xdist the worker stops the controller (``shouldstop``) and hands the message
+    over in ``workeroutput``; the controller then exits with 4 too (``ProbeReporter``).
+    """
+    __tracebackhide__ = True
+    text = f"mllmprobe usage error: {message}"
+    workeroutput = getattr(node.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: stop the controller and the other workers too
+        workeroutput[USAGE_ERROR_KEY] = text
+        node.session.shouldstop = text
+    pytest.exit(text, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 class ModelNode(pytest.Collector):
-    """All probe tests of one model; evaluates the model once, on its first test."""
+    """All probe tests of one model; evaluates the model once, in its setup (its first test).
+
+    Bad input found only then (a tokenizer that cannot tell two class names apart, an image
+    that fails to decode, ...) ends the session with exit code 4, not as failing tests. Any
+    other failure (a timeout included) is kept and re-raised for every later test of the model:
+    the evaluation is never restarted.
+    """
+
+    _failure: BaseException | None = None
+    #: the test whose report showed the failure in full
+    _failure_shown: str = ""
 
     def setup_plan(self, model_plan: Any, evaluator: Any) -> None:
         self.model_plan = model_plan
@@ -38,10 +72,38 @@ class ModelNode(pytest.Collector):
             ordered.append(f"stage.{stage}")
         return [ProbeItem.from_parent(self, name=name) for name in ordered]
 
-    def result(self) -> Any:
-        """The :class:`~pytest_mllmprobe.results.ModelResult`, computed on first use."""
+    def setup(self) -> None:
         __tracebackhide__ = True
-        return self.evaluator.result(self.model_plan.spec.label)
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self.result()
+        except pytest.fail.Exception as exc:  # pytest-timeout fails the test it interrupts
+            if not str(exc).startswith("Timeout") or not self.config.pluginmanager.hasplugin("timeout"):
+                self._failure = exc
+                raise
+            self._failure = pytest.fail.Exception(
+                f"mllmprobe: {self.name}: the evaluation (model load, extraction, probes) was stopped "
+                f"by pytest-timeout ({exc}); {TIMEOUT_HINT}", pytrace=False,
+            )
+            raise self._failure from None
+        except Exception as exc:
+            self._failure = exc
+            raise
+
+    def result(self) -> Any:
+        """The :class:`~pytest_mllmprobe.results.ModelResult`, computed on first use.
+
+        A :class:`~pytest_mllmprobe.errors.ConfigError` ends the session (exit code 4).
+        """
+        __tracebackhide__ = True
+        from .errors import ConfigError
+
+        try:
+            return self.evaluator.result(self.model_plan.spec.label)
+        except ConfigError as exc:
+            end_with_usage_error(self, f"{self.name}: {exc}")
+            raise  # not reached: pytest.exit raises
 
 
 class ProbeItem(pytest.Item):
@@ -71,13 +133,19 @@ class ProbeItem(pytest.Item):
         if not verdict.passed:
             raise ProbeFailure(failure_table(result, verdict))
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, ProbeFailure):
             return excinfo.value.text
-        from .errors import ConfigError
-
-        if isinstance(excinfo.value, ConfigError):
-            return f"{self.parent.name}: {excinfo.value}"
+        node = self.parent
+        if isinstance(node, ModelNode) and excinfo.value is node._failure:
+            # the model's evaluation failed in its setup: the full report once, then one line
+            if node._failure_shown:
+                return (f"{type(excinfo.value).__name__}: {_first_line(excinfo.value)} (the evaluation of "
+                        f"{node.name} failed in its first test, {node._failure_shown}; see that report)")
+            node._failure_shown = self.nodeid
+            if isinstance(excinfo.value, pytest.fail.Exception):
+                return str(excinfo.value)
+            return super().repr_failure(excinfo, style="short")
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
@@ -196,6 +264,7 @@ def failure_table(result: Any, verdict: Any) -> str:
         rule = "rule" if check is None else ("ok   " if check.passed else "FAIL ") + check.explanation
         lines.append(f"{cells}  {rule}")
     failing = [c for c in verdict.checks if not c.passed]
+    lines.insert(0, headline(verdict, failing))
     lines.append(f"failure mode: {FAILURE_MODES[verdict.stage]} (stage {verdict.stage})")
     lines.append("thresholds: " + "; ".join(sorted({c.source for c in failing})))
     first = result.first_failing_stage
@@ -205,6 +274,29 @@ def failure_table(result: Any, verdict: Any) -> str:
             "this stage may inherit that loss"
         )
     return "\n".join(lines)
+
+
+def headline(verdict: Any, failing: list[Any]) -> str:
+    """The finding in one line, with its figures: what a CI annotation (the ``FAILED`` line, the
+    JUnit ``message``) shows, e.g. ``connector: accuracy 0.333 < 0.792 (rule: ...); fidelity loss
+    in connector projection``."""
+    check = failing[0]
+    mode = FAILURE_MODES[verdict.stage]
+    more = f" (+{len(failing) - 1} more failing check(s))" if len(failing) > 1 else ""
+    if check.rule == "no_regression":
+        p = "" if check.p_value is None else f", Holm p = {check.p_value:.3g}"
+        finding = (f"{check.metric} {_cell(check.value)} vs {_cell(check.reference)} in the reference "
+                   f"(delta {_cell(check.delta, signed=True)}{p})")
+    elif not math.isfinite(check.threshold):
+        finding = check.explanation
+    else:
+        finding = f"{check.metric} {_cell(check.value)} < {_cell(check.threshold)} (rule: {check.explanation})"
+    return f"{verdict.test}: {finding}; {mode}{more}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _round(value: Any) -> Any:

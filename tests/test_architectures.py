@@ -219,14 +219,14 @@ def test_end_to_end_run_of_every_family_autoprocessor_loads(pytester: pytest.Pyt
         model, processor = tiny_family(family, seed=0)
         model.save_pretrained(pytester.path / family)
         save_processor(processor, pytester.path / family)
-        models += ["--mllm-model", str(pytester.path / family)]
+        models += [f"--mllm-model={pytester.path / family}"]
     for family in LLAVA_FAMILIES:  # the LLaVA builders of the demo (llava itself: tests/test_end_to_end.py)
         save_model(*tiny_llava(family, seed=0), pytester.path / family)
-        models += ["--mllm-model", str(pytester.path / family)]
+        models += [f"--mllm-model={pytester.path / family}"]
     data = write_image_folder(make_images(10, seed=1), pytester.path / "data")
     junit, report = pytester.path / "junit.xml", pytester.path / "report"
-    result = pytester.runpytest_subprocess(*models, "--mllm-data", str(data), "-p", "no:cacheprovider",
-                                           f"--junitxml={junit}", "--mllm-report", str(report))
+    result = pytester.runpytest_subprocess(*models, f"--mllm-data={data}", "-p", "no:cacheprovider",
+                                           f"--junitxml={junit}", f"--mllm-report={report}")
     out = result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) + outcomes.get("failed", 0) > 0, out

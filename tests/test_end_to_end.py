@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[pytest.RunResult
     where = tmp_path_factory.mktemp("demo-run")
     report = where / "report.xml"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--mllm-model", "demo", "--junitxml", str(report), "-rA", *RUN],
+        [sys.executable, "-m", "pytest", "--mllm-model=demo", "--junitxml", str(report), "-rA", *RUN],
         cwd=where, capture_output=True, text=True, env=subprocess_env(), timeout=600,
     )
     return done, report
@@ -65,12 +65,12 @@ def test_junit_xunit2_validates_against_the_schema(demo_run, junit_schema: Path)
 
 
 def test_k_selects_by_stage_and_readout(tmp_path: Path, pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--mllm-model", "demo", "-k", "connector", "--collect-only", "-q", *RUN)
+    result = pytester.runpytest_subprocess("--mllm-model=demo", "-k", "connector", "--collect-only", "-q", *RUN)
     result.stdout.fnmatch_lines(["mllm/demo::connector", "mllm/demo::stage.connector", "2/* tests collected*"])
-    ran = pytester.runpytest_subprocess("--mllm-model", "demo", "-k", "connector", "-q", *RUN)
+    ran = pytester.runpytest_subprocess("--mllm-model=demo", "-k", "connector", "-q", *RUN)
     ran.assert_outcomes(passed=2, deselected=16)
     ran.stdout.no_fnmatch_line("*extracted*images*")  # -q keeps the progress quiet
-    result = pytester.runpytest_subprocess("--mllm-model", "demo", "-k", "llm and last", "--collect-only", "-q", *RUN)
+    result = pytester.runpytest_subprocess("--mllm-model=demo", "-k", "llm and last", "--collect-only", "-q", *RUN)
     lines = [line for line in result.stdout.lines if line.startswith("mllm/")]
     assert lines and all(line.endswith(".last") and "::llm." in line for line in lines)
 
@@ -90,7 +90,7 @@ def faulty_xunit1_run(tmp_path_factory: pytest.TempPathFactory):
     model = build_faulty("permuted-answer", where)
     report = where / "report.xml"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--mllm-model", str(model), "--mllm-data", str(DEMO_DATA),
+        [sys.executable, "-m", "pytest", f"--mllm-model={model}", f"--mllm-data={DEMO_DATA}",
          "--junitxml", str(report), "-o", "junit_family=xunit1", *RUN],
         cwd=where, capture_output=True, text=True, env=subprocess_env(), timeout=600,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_mllmprobe import run
-from pytest_mllmprobe.baseline import FORMAT, SAVE_HINT
+from pytest_mllmprobe.baseline import FORMAT, SAVE_HINT, VERSION
 
 from .faults import FAULTS, build_faulty
 
@@ -71,43 +71,43 @@ def test_healthy_reruns_with_other_probe_seeds_do_not_regress(tmp_path: Path, le
 
 
 def _pytest(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("--mllm-model", "demo", *args, *RUN)
+    return pytester.runpytest_subprocess("--mllm-model=demo", *args, *RUN)
 
 
 def test_baseline_workflow(pytester: pytest.Pytester) -> None:
     baseline = pytester.path / "ci" / "baseline.json"
-    missing = _pytest(pytester, "--mllm-baseline", str(baseline))
+    missing = _pytest(pytester, f"--mllm-baseline={baseline}")
     assert missing.ret == pytest.ExitCode.USAGE_ERROR
     missing.stderr.fnmatch_lines([f"ERROR: --mllm-baseline * does not exist; {SAVE_HINT}"])
 
-    saved = _pytest(pytester, "--mllm-save-baseline", str(baseline))
+    saved = _pytest(pytester, f"--mllm-save-baseline={baseline}")
     saved.assert_outcomes(passed=18)
     doc = json.loads(baseline.read_text())
-    assert doc["format"] == FORMAT and doc["version"] == 1 and "torch" in doc["versions"]
+    assert doc["format"] == FORMAT and doc["version"] == VERSION and "torch" in doc["versions"]
     entry = doc["models"]["demo"]
     assert len(entry["data"]["test_ids"]) == 45 and entry["data"]["fingerprint"]
     assert len(entry["loci"]["connector"]["correct"]) == 45
     assert sorted(p.name for p in baseline.parent.iterdir()) == ["baseline.json"]  # no temp files
 
-    same = _pytest(pytester, "--mllm-baseline", str(baseline))
+    same = _pytest(pytester, f"--mllm-baseline={baseline}")
     same.assert_outcomes(passed=18)
     same.stdout.fnmatch_lines(["*all stages pass; no regression vs baseline*"])
 
     # measured another way (here: the MLP probe), the entry is replaced whole, never mixed
-    mixed = _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-update-baseline",
-                    "--mllm-probe", "mlp", "-k", "connector")
+    mixed = _pytest(pytester, f"--mllm-baseline={baseline}", "--mllm-update-baseline",
+                    "--mllm-probe=mlp", "-k", "connector")
     mixed.assert_outcomes(passed=2, deselected=16)
     after = json.loads(baseline.read_text())["models"]["demo"]
     assert after["settings"]["probe"] == "mlp"
     assert after["loci"]["answer"] == entry["loci"]["answer"]  # the answer needs no probe
     assert after["loci"]["vision.0"] != entry["loci"]["vision.0"]  # re-measured, not kept
 
-    _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-update-baseline")  # back to linear
-    other_split = _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-seed", "5")
+    _pytest(pytester, f"--mllm-baseline={baseline}", "--mllm-update-baseline")  # back to linear
+    other_split = _pytest(pytester, f"--mllm-baseline={baseline}", "--mllm-seed=5")
     assert other_split.ret == pytest.ExitCode.USAGE_ERROR
     other_split.stderr.fnmatch_lines(["ERROR: *model 'demo' was measured on another train/test split*"])
 
-    subset = _pytest(pytester, "--mllm-baseline", str(baseline), "--mllm-max-samples", "60")
+    subset = _pytest(pytester, f"--mllm-baseline={baseline}", "--mllm-max-samples=60")
     assert subset.ret == pytest.ExitCode.USAGE_ERROR
     subset.stderr.fnmatch_lines(["ERROR: *model 'demo' was measured on another dataset*"])
 
@@ -120,13 +120,13 @@ def test_a_partial_update_rewrites_only_the_tests_that_ran(pytester: pytest.Pyte
     checkpoint = pytester.path / "checkpoint"
     shutil.copytree(DEMO_MODEL, checkpoint)
     baseline = pytester.path / "baseline.json"
-    args = ("--mllm-model", str(checkpoint), "--mllm-data", str(DEMO_DATA), *RUN)
-    pytester.runpytest_subprocess(*args, "--mllm-save-baseline", str(baseline)).assert_outcomes(passed=18)
+    args = (f"--mllm-model={checkpoint}", f"--mllm-data={DEMO_DATA}", *RUN)
+    pytester.runpytest_subprocess(*args, f"--mllm-save-baseline={baseline}").assert_outcomes(passed=18)
     before = json.loads(baseline.read_text())["models"]["checkpoint"]
     # the checkpoint changes (its connector collapses); only the connector tests are re-recorded
     shutil.rmtree(checkpoint)
     shutil.move(str(build_faulty("rank1-connector", tmp_path)), str(checkpoint))
-    partial = pytester.runpytest_subprocess(*args, "--mllm-baseline", str(baseline), "--mllm-update-baseline",
+    partial = pytester.runpytest_subprocess(*args, f"--mllm-baseline={baseline}", "--mllm-update-baseline",
                                             "-k", "connector")
     partial.assert_outcomes(passed=1, failed=1, deselected=16)  # the threshold rule still applies
     after = json.loads(baseline.read_text())["models"]["checkpoint"]
@@ -142,13 +142,13 @@ def test_another_architecture_is_a_usage_error(pytester: pytest.Pytester, lesion
     model_dir = pytester.path / "checkpoint"
     save_model(*tiny_llava("llava", text_layers=4), model_dir)
     baseline = pytester.path / "baseline.json"
-    args = ("--mllm-model", str(model_dir), "--mllm-data", str(lesion_data), *RUN)
-    pytester.runpytest_subprocess(*args, "--mllm-save-baseline", str(baseline))
+    args = (f"--mllm-model={model_dir}", f"--mllm-data={lesion_data}", *RUN)
+    pytester.runpytest_subprocess(*args, f"--mllm-save-baseline={baseline}")
     import shutil
 
     shutil.rmtree(model_dir)
     save_model(*tiny_llava("llava", text_layers=3), model_dir)
-    result = pytester.runpytest_subprocess(*args, "--mllm-baseline", str(baseline))
+    result = pytester.runpytest_subprocess(*args, f"--mllm-baseline={baseline}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: *model 'checkpoint' has another architecture (13 loci in the baseline, 11 now)*"])
 
@@ -159,8 +159,8 @@ def test_a_regression_is_a_failing_test_with_its_figures(pytester: pytest.Pytest
     tuned = build_faulty("permuted-answer", tmp_path)
     report = pytester.path / "report.xml"
     result = pytester.runpytest_subprocess(
-        "--mllm-model", "demo", "--mllm-model", str(tuned), "--mllm-data", str(DEMO_DATA),
-        "--mllm-compare-to", "demo", "--junitxml", str(report), "-o", "junit_family=xunit1", *RUN,
+        "--mllm-model=demo", f"--mllm-model={tuned}", f"--mllm-data={DEMO_DATA}",
+        "--mllm-compare-to=demo", "--junitxml", str(report), "-o", "junit_family=xunit1", *RUN,
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([
@@ -206,7 +206,7 @@ def test_the_results_fixture_serves_custom_assertions(pytester: pytest.Pytester)
 def test_a_baseline_that_cannot_be_merged_is_reported_not_raised(pytester: pytest.Pytester) -> None:
     target = pytester.path / "baseline.json"
     target.write_text("not json")
-    result = _pytest(pytester, "--mllm-save-baseline", str(target), "-k", "stage.answer")
+    result = _pytest(pytester, f"--mllm-save-baseline={target}", "-k", "stage.answer")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.assert_outcomes(passed=1, deselected=17)
     result.stdout.fnmatch_lines(["mllmprobe could not write the baseline *--mllm-save-baseline * is not a readable JSON baseline*"])

@@ -89,7 +89,7 @@ def test_the_engine_and_the_plugin_see_the_same_numbers(healthy, pytester: pytes
     import json
 
     report = pytester.path / "report.xml"
-    result = pytester.runpytest_subprocess("--mllm-model", "demo", "--junitxml", str(report), "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=demo", "--junitxml", str(report), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=len(healthy.verdicts))
     import xml.etree.ElementTree as ET
 
@@ -101,7 +101,7 @@ def test_the_engine_and_the_plugin_see_the_same_numbers(healthy, pytester: pytes
 def test_a_planted_fault_names_its_stage_in_the_pytest_output(tmp_path: Path, pytester: pytest.Pytester) -> None:
     path = build_faulty("permuted-answer", tmp_path)
     result = pytester.runpytest_subprocess(
-        "--mllm-model", str(path), "--mllm-data", str(DEMO_DATA), "-p", "no:cacheprovider"
+        f"--mllm-model={path}", f"--mllm-data={DEMO_DATA}", "-p", "no:cacheprovider"
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([

@@ -50,13 +50,13 @@ def _usage_error(result: pytest.RunResult, *patterns: str) -> None:
 
 
 def test_unknown_model_path_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--mllm-model", "./no-such-model", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=./no-such-model", "-p", "no:cacheprovider")
     _usage_error(result, "--mllm-model './no-such-model' was not found*expected a local folder*")
 
 
 def test_folder_without_config_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.mkdir("empty-model")
-    result = pytester.runpytest_subprocess("--mllm-model", "empty-model", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=empty-model", "-p", "no:cacheprovider")
     _usage_error(result, "is not a saved model: expected a folder with config.json*")
 
 
@@ -65,13 +65,13 @@ def test_data_with_one_class_is_a_usage_error(pytester: pytest.Pytester, lesion_
     (only / "benign").mkdir()
     for image in sorted((lesion_data / "benign").iterdir())[:5]:
         (only / "benign" / image.name).write_bytes(image.read_bytes())
-    result = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-data", str(only), "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=demo", f"--mllm-data={only}", "-p", "no:cacheprovider")
     _usage_error(result, "has only one class with images ('benign')*at least two classes*")
 
 
 def test_misspelled_threshold_key_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makefile(".yaml", bad="version: 1\nstages:\n  conector:\n    min_keep: 0.9\n")
-    result = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-thresholds", "bad.yaml", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=demo", "--mllm-thresholds=bad.yaml", "-p", "no:cacheprovider")
     _usage_error(result, "bad.yaml*conector*did you mean 'connector'*")
 
 
@@ -82,7 +82,7 @@ def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
 
 
 def test_bad_option_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-test-size", "1.5", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=demo", "--mllm-test-size=1.5", "-p", "no:cacheprovider")
     _usage_error(result, "--mllm-test-size 1.5 must be between 0 and 1*")
 
 
@@ -91,7 +91,7 @@ def test_ini_keys_mirror_the_options(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     _usage_error(result, "--mllm-model './from-ini' was not found*")
     # the command line wins over the ini file
-    result = pytester.runpytest_subprocess("--mllm-model", "./from-cli", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=./from-cli", "-p", "no:cacheprovider")
     _usage_error(result, "--mllm-model './from-cli' was not found*")
 
 
@@ -104,12 +104,12 @@ def test_remote_code_is_refused_unless_the_user_opts_in(pytester: pytest.Pyteste
         "from transformers import PretrainedConfig\n"
         "class HuluConfig(PretrainedConfig):\n    model_type = 'hulu_custom'\n"
     )
-    result = pytester.runpytest_subprocess("--mllm-model", str(model), "--mllm-data", str(lesion_data), "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(f"--mllm-model={model}", f"--mllm-data={lesion_data}", "-p", "no:cacheprovider")
     _usage_error(result, "needs its own code from the model folder or hub; run again with --mllm-trust-remote-code*")
 
 
 def test_usage_errors_reach_the_user_under_xdist(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-data", "no-such-data", "-n", "2", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("--mllm-model=demo", "--mllm-data=no-such-data", "-n", "2", "-p", "no:cacheprovider")
     _usage_error(result, "--mllm-data 'no-such-data' does not exist*")
 
 

@@ -44,7 +44,7 @@ def _usage_error(result: pytest.RunResult, pattern: str) -> str:
 
 
 def test_remote_code_needs_the_opt_in(pytester: pytest.Pytester, remote_model: Path, lesion_data: Path) -> None:
-    result = pytester.runpytest_subprocess("--mllm-model", str(remote_model), "--mllm-data", str(lesion_data), *RUN)
+    result = pytester.runpytest_subprocess(f"--mllm-model={remote_model}", f"--mllm-data={lesion_data}", *RUN)
     _usage_error(result, "needs its own code*run again with --mllm-trust-remote-code*")
 
 
@@ -52,7 +52,7 @@ def test_unknown_structure_names_its_layer_lists_and_the_override_to_write(
     pytester: pytest.Pytester, remote_model: Path, lesion_data: Path
 ) -> None:
     result = pytester.runpytest_subprocess(
-        "--mllm-model", str(remote_model), "--mllm-data", str(lesion_data), "--mllm-trust-remote-code", *RUN
+        f"--mllm-model={remote_model}", f"--mllm-data={lesion_data}", "--mllm-trust-remote-code", *RUN
     )
     message = _usage_error(result, "cannot find the vision encoder layers, connector, language-model layers*")
     paths = expected_modules()
@@ -66,8 +66,8 @@ def test_the_threshold_files_modules_section_makes_it_run(
     pytester: pytest.Pytester, remote_model: Path, lesion_data: Path, modules_yaml: Path
 ) -> None:
     result = pytester.runpytest_subprocess(
-        "--mllm-model", str(remote_model), "--mllm-data", str(lesion_data), "--mllm-trust-remote-code",
-        "--mllm-thresholds", str(modules_yaml), "--mllm-report", str(pytester.path / "report"), *RUN,
+        f"--mllm-model={remote_model}", f"--mllm-data={lesion_data}", "--mllm-trust-remote-code",
+        f"--mllm-thresholds={modules_yaml}", f"--mllm-report={pytester.path / 'report'}", *RUN,
     )
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 17, result.stdout.str()  # 3 + 1 + 4x2 + 1 + 4 stages

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from pytest_mllmprobe import run
+from pytest_mllmprobe.baseline import entry_from_result, merge, write_json_atomic
+from pytest_mllmprobe.results import Results
 from pytest_mllmprobe.demo import DEMO_DATA
 from pytest_mllmprobe.report import MATPLOTLIB_HINT, ReportOutcome, load_results, write_report
 from pytest_mllmprobe.report.layout import curve_of, thin_ticks
@@ -31,8 +33,13 @@ FAULT = "corrupted-layer"
 
 
 @pytest.fixture(scope="module")
-def demo() -> dict:
-    return run("demo").to_dict()
+def demo_results() -> Results:
+    return run("demo")
+
+
+@pytest.fixture(scope="module")
+def demo(demo_results: Results) -> dict:
+    return demo_results.to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -243,18 +250,51 @@ def test_reference_is_drawn_for_the_same_label(demo: dict, fault: dict, tmp_path
     assert any("'demo'" in w for w in other.warnings)
 
 
-def test_reference_may_be_a_baseline_file(demo: dict, fault: dict, tmp_path: Path) -> None:
+def test_reference_may_be_a_baseline_file(demo_results: Results, fault: dict, tmp_path: Path) -> None:
     """A baseline file's entries hold only metrics per locus name (no stage/layer/verdicts)."""
     pytest.importorskip("matplotlib")
-    entry = {"metric": "accuracy", "scores": demo["models"]["demo"]["scores"], "loci": {
-        name: {"accuracy": loc["accuracy"], "balanced_accuracy": loc["balanced_accuracy"]}
-        for name, loc in demo["models"]["demo"]["loci"].items()
-    }}
-    baseline = {"format": "pytest-mllmprobe-baseline", "version": 1, "models": {FAULT: entry}}
-    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    entry = entry_from_result(demo_results["demo"], demo_results.data, demo_results.settings)
+    write_json_atomic(tmp_path / "baseline.json", merge(None, {FAULT: (entry, set())}))
     outcome = write_report(fault, tmp_path / "out", reference=load_results(tmp_path / "baseline.json"))
     assert not outcome.warnings and outcome.plotted
     assert [p.locus for p in curve_of(entry).series("image")][-1] == "llm.3.image"
+
+
+@pytest.mark.parametrize("damage", ["drop-stage", "wrong-type", "other-version", "baseline-without-loci"])
+def test_a_damaged_results_file_names_the_key(demo: dict, demo_results: Results, tmp_path: Path,
+                                              damage: str) -> None:
+    doc = copy.deepcopy(demo)
+    if damage == "drop-stage":
+        del doc["models"]["demo"]["loci"]["vision.0"]["stage"]
+        expected = r"models\['demo'\]\.loci\['vision\.0'\]\.stage must be present"
+    elif damage == "wrong-type":
+        doc["models"]["demo"]["scores"]["FHS_V"] = "high"
+        expected = r"models\['demo'\]\.scores\['FHS_V'\] must be a number or null, got 'high'"
+    elif damage == "other-version":
+        doc["schema_version"] = 99
+        expected = "schema_version is 99"
+    else:
+        entry = entry_from_result(demo_results["demo"], demo_results.data, demo_results.settings)
+        doc = merge(None, {"demo": (entry, set())})
+        del doc["models"]["demo"]["loci"]
+        expected = r"models\['demo'\]\.loci must be present"
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ValueError, match=expected):
+        load_results(path)
+
+
+def test_long_titles_stay_inside_the_figure(demo: dict) -> None:
+    pytest.importorskip("matplotlib")
+    from pytest_mllmprobe.report.plots import model_figure
+
+    model = copy.deepcopy(demo["models"]["demo"])
+    model["label"] = "LLaVA-Med-BUSI-" * 8  # 120 characters
+    fig = model_figure(model)
+    renderer = fig.canvas.get_renderer()
+    for text in fig.texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (text.get_text(), box)
 
 
 # -- index.html ------------------------------------------------------------------------------
@@ -371,7 +411,7 @@ def test_the_plugin_writes_the_report_and_feeds_pytest_html(pytester: pytest.Pyt
     out = pytester.path / "out"
     html = pytester.path / "report.html"
     result = pytester.runpytest_subprocess(
-        "--mllm-model", "demo", "--mllm-report", str(out), "--html", str(html),
+        "--mllm-model=demo", f"--mllm-report={out}", "--html", str(html),
         "--self-contained-html", "-p", "no:cacheprovider",
     )
     result.assert_outcomes(passed=18)

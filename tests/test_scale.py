@@ -28,19 +28,19 @@ def _figures(report: Path) -> dict[str, dict]:
 
 def test_a_rerun_that_changes_only_thresholds_or_probes_loads_no_model(pytester: pytest.Pytester) -> None:
     cache = pytester.path / "features"
-    first = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-cache-dir", str(cache), *RUN)
+    first = pytester.runpytest_subprocess("--mllm-model=demo", f"--mllm-cache-dir={cache}", *RUN)
     first.assert_outcomes(passed=18)
     first.stdout.no_fnmatch_line("*features from the cache*")
     pytester.makefile(".yaml", strict="version: 1\nstages:\n  connector: {min_keep: 0.95}\n")
     again = pytester.runpytest_subprocess(
-        "--mllm-model", "demo", "--mllm-cache-dir", str(cache), "--mllm-thresholds", "strict.yaml",
-        "--mllm-probe", "mlp", *RUN,
+        "--mllm-model=demo", f"--mllm-cache-dir={cache}", "--mllm-thresholds=strict.yaml",
+        "--mllm-probe=mlp", *RUN,
     )
     again.stdout.fnmatch_lines(["demo (llava, 45 test images; *; features from the cache)"])
     again.stdout.no_fnmatch_line("*extracted*images*")  # no forward pass ran
     assert len(list(cache.glob("*.npz"))) == 1
     # --mllm-no-cache reads and writes nothing
-    fresh = pytester.runpytest_subprocess("--mllm-model", "demo", "--mllm-cache-dir", str(cache), "--mllm-no-cache", *RUN)
+    fresh = pytester.runpytest_subprocess("--mllm-model=demo", f"--mllm-cache-dir={cache}", "--mllm-no-cache", *RUN)
     fresh.stdout.no_fnmatch_line("*features from the cache*")
 
 
@@ -67,9 +67,9 @@ def test_two_processes_extract_a_model_once(tmp_path: Path) -> None:
 
 def test_xdist_gives_the_serial_results(pytester: pytest.Pytester) -> None:
     serial, parallel = pytester.path / "serial.xml", pytester.path / "parallel.xml"
-    pytester.runpytest_subprocess("--mllm-model", "demo", "--junitxml", str(serial), *RUN).assert_outcomes(passed=18)
+    pytester.runpytest_subprocess("--mllm-model=demo", "--junitxml", str(serial), *RUN).assert_outcomes(passed=18)
     result = pytester.runpytest_subprocess(
-        "--mllm-model", "demo", "-n", "2", "--mllm-cache-dir", str(pytester.path / "features"),
+        "--mllm-model=demo", "-n", "2", f"--mllm-cache-dir={pytester.path / 'features'}",
         "--junitxml", str(parallel), *RUN,
     )
     result.assert_outcomes(passed=18)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,8 @@ def read_npz(path: Path, skip: bool) -> Samples:
     )
     seen_labels: set[int] = set()
     for split, image_key, label_key in parts:
-        images = archive[image_key]
-        labels = _int_labels(archive[label_key], f"{name}: {label_key!r}")
+        images = _member(archive, image_key, name)
+        labels = _int_labels(_member(archive, label_key, name), f"{name}: {label_key!r}")
         if len(images) != len(labels):
             raise ConfigError(
                 f"{name}: {image_key!r} holds {len(images)} images but {label_key!r} holds "
@@ -84,6 +85,22 @@ def read_npz(path: Path, skip: bool) -> Samples:
     else:
         samples.classes = _unique_names([n for n in names if n is not None], path)
     return samples
+
+
+def _member(archive: Any, key: str, name: str) -> np.ndarray:
+    """One array of the archive; object arrays (which need pickle) and damaged members are usage errors."""
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ConfigError(
+                f"{name}: {key!r} is an array of Python objects, which only pickle can read (and "
+                "pickle is never loaded); save it as a numeric array: np.stack(images) for images "
+                "of one size, integer indices for labels"
+            ) from None
+        raise ConfigError(f"{name}: cannot read {key!r}: {exc}; save the archive again with np.savez") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ConfigError(f"{name}: cannot read {key!r} ({type(exc).__name__}: {exc}); the archive is damaged") from None
 
 
 def _int_labels(labels: np.ndarray, what: str) -> np.ndarray:
@@ -154,7 +171,14 @@ def read_entry(spec: str, skip: bool) -> Samples:
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise ConfigError(f"--mllm-data {spec!r} returned {type(result).__name__}; expected {ENTRY_SHAPE}")
     images, labels = result[0], result[1]
-    class_names = None if len(result) == 2 or result[2] is None else [str(c) for c in result[2]]
+    class_names = None if len(result) == 2 or result[2] is None else result[2]
+    if class_names is not None:
+        if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__"):
+            raise ConfigError(
+                f"--mllm-data {spec!r} returned class_names {class_names!r}; expected a list of "
+                f"strings, one per class index ({ENTRY_SHAPE})"
+            )
+        class_names = [str(c) for c in class_names]
     try:
         n_images, n_labels = len(images), len(labels)
     except TypeError:
@@ -180,7 +204,7 @@ def read_entry(spec: str, skip: bool) -> Samples:
                     f"{where}: file {str(image)!r} does not exist (relative paths are taken from "
                     f"the working directory {os.getcwd()!r}); return existing paths"
                 )
-            problem = file_problem(file)
+            problem = file_problem(file, decode=skip)
             if problem:
                 samples.bad(sample_id, where, problem, skip)
                 continue

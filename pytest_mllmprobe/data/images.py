@@ -123,19 +123,31 @@ def load_image(path: str | Path):
         ) from exc
 
 
-def file_problem(path: str | Path) -> str | None:
+def file_problem(path: str | Path, *, decode: bool = False) -> str | None:
     """Why the image file at ``path`` is unreadable, or ``None``: a cheap check made at load time.
 
     Pillow formats are opened and run through the format's own integrity check (``verify``:
     PNG chunk CRCs and truncation, for example); DICOM files are parsed without decoding pixels.
+    With ``decode`` (``--mllm-skip-bad-images``) every image is also decoded in full, so that a
+    file that only fails when its pixels are read (a truncated JPEG passes ``verify``) is skipped
+    here rather than stopping the extraction later.
     """
     from PIL import Image
 
     if is_dicom(path):
-        return dicom_problem(path)
+        problem = dicom_problem(path)
+        if problem is None and decode:
+            try:
+                read_dicom(path)
+            except ConfigError as exc:
+                return str(exc)
+        return problem
     try:
         with Image.open(path) as image:
             image.verify()
+        if decode:
+            with Image.open(path) as image:
+                image.load()
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
         return f"{type(exc).__name__}: {exc}"
     return None

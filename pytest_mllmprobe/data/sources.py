@@ -130,7 +130,7 @@ def read_folder(root: Path, skip: bool) -> Samples:
     for name, files in files_by_class.items():
         for file in files:
             rel = file.relative_to(root).as_posix()
-            problem = file_problem(file)
+            problem = file_problem(file, decode=skip)
             if problem:
                 samples.bad(rel, f"--mllm-data {str(root)!r}", problem, skip)
                 continue
@@ -248,7 +248,7 @@ def read_manifest(path: Path, columns: Columns, skip: bool) -> Samples:
         group = _cell(row.get(columns.group), where, columns.group) if has_group else None
         is_test = _split_value(row.get(columns.split), where, columns.split) if has_split else None
         labels.add(label)
-        problem = file_problem(file)
+        problem = file_problem(file, decode=skip)
         if problem:
             samples.bad(sample_id, where, problem, skip)
             continue

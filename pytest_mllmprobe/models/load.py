@@ -60,7 +60,7 @@ def resolve_model(name: str) -> ModelSpec:
     )
 
 
-def _load_config(spec: ModelSpec, trust_remote_code: bool) -> Any:
+def load_config(spec: ModelSpec, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     try:
@@ -90,7 +90,7 @@ def load_structure(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    config = _load_config(spec, trust_remote_code)
+    config = load_config(spec, trust_remote_code)
     try:
         with torch.device("meta"):
             return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
@@ -150,7 +150,7 @@ def load_model(
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _load_config(spec, trust_remote_code)  # clear messages for missing/remote-code models
+    load_config(spec, trust_remote_code)  # clear messages for missing/remote-code models
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise ConfigError(
             f"--mllm-device-map {device_map} needs the accelerate package: pip install 'pytest-mllmprobe[gpu]' "
@@ -234,7 +234,7 @@ def processor_without_video(source: str, trust_remote_code: bool = False) -> Any
     if not name:
         from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-        name = PROCESSOR_MAPPING_NAMES.get(getattr(_load_config(ModelSpec(source, source), trust_remote_code),
+        name = PROCESSOR_MAPPING_NAMES.get(getattr(load_config(ModelSpec(source, source), trust_remote_code),
                                                    "model_type", ""))
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or "video_processor" not in cls.get_attributes():

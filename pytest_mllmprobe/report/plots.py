@@ -301,10 +301,27 @@ def tick_label_overlaps(fig: Any, ax: Any | None = None) -> list[tuple[str, str]
 def _titles(fig: Any, model: dict[str, Any], curve: Curve) -> None:
     text = f"{curve.label}: {diagnosis(model)}"
     failing = curve.first_failing_stage is not None
-    fig.text(0.5, 0.955, text, ha="center", va="center", fontsize=12 if len(text) < 95 else 10,
-             fontweight="bold", color=COLORS["fail"] if failing else "#1b5e20")
-    profile = model.get("profile") or ""
-    fig.text(0.5, 0.912, profile, ha="center", va="center", fontsize=10, color="#333333")
+    fit_text(fig, 0.5, 0.955, text, 12, fontweight="bold", color=COLORS["fail"] if failing else "#1b5e20")
+    fit_text(fig, 0.5, 0.912, model.get("profile") or "", 10, color="#333333")
+
+
+def fit_text(fig: Any, x: float, y: float, text: str, size: float, min_size: float = 7.0, **kw: Any) -> Any:
+    """A centred line of figure text that never runs past the figure's edges: the font shrinks
+    down to ``min_size``, then the text is wrapped onto as many lines as it needs."""
+    import textwrap
+
+    artist = fig.text(x, y, text, ha="center", va="center", fontsize=size, **kw)
+    renderer = fig.canvas.get_renderer()
+    room = fig.bbox.width * 0.97
+    width = artist.get_window_extent(renderer).width
+    while width > room and size > min_size:
+        size = max(min_size, size - 0.5)
+        artist.set_fontsize(size)
+        width = artist.get_window_extent(renderer).width
+    if width > room:
+        chars = max(20, int(len(text) * room / width))
+        artist.set_text("\n".join(textwrap.wrap(text, chars)))
+    return artist
 
 
 # -- the profile bars ------------------------------------------------------------------------

@@ -6,19 +6,23 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes
+from ..atomic import remove_stale, staging_dir, swap_dir
+from ..errors import ConfigError
+from ..results import SCHEMA_VERSION as SUPPORTED_SCHEMA
 
 MATPLOTLIB_HINT = (
     "matplotlib is not installed, so this report has tables but no plots; "
     'for the plots: pip install "pytest-mllmprobe[report]"'
 )
-SUPPORTED_SCHEMA = 1
 RESERVED_STEMS = frozenset({"profile", "index", "results"})
+#: what a report folder holds besides ``*.png``: a folder of only these may be replaced
+REPORT_FILES = ("results.json", "index.html")
 
 
 @dataclass(frozen=True)
@@ -51,17 +55,53 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
     Files: ``results.json`` always; ``<label>.png`` per model and ``profile.png`` when matplotlib
     is installed; ``index.html`` always (plots embedded, or tables only with a hint). ``reference``
     (another results dict, or one model's dict) is drawn dashed on the plot of the model with the
-    same label. Raises ValueError only when ``results`` is not a results dict.
+    same label. The folder is written as one unit: built beside ``out_dir``, then swapped in, so a
+    killed run leaves the old report or the new one, never a mix (:func:`~..atomic.swap_dir`).
+    Raises ValueError when ``results`` is not a results dict or ``out_dir`` holds other files.
     """
     _check(results)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    problem = folder_problem(out)
+    if problem:
+        raise ValueError(problem)
+    remove_stale(out.parent if out.parent.is_dir() else Path("."))
+    stage = staging_dir(out)
+    try:
+        names, warnings = _render(results, stage, reference)
+        os.chmod(stage, 0o755)
+        swap_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return ReportOutcome(out_dir=out, written=tuple(out / name for name in names), warnings=tuple(warnings))
+
+
+def folder_problem(out: Path) -> str | None:
+    """Why ``out`` must not be replaced by a report (it holds files a report does not write)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{str(out)!r} is a file; the report is a folder: give a folder path"
+    entries = [p for p in out.iterdir()]
+    if not entries:
+        return None
+    foreign = [p.name for p in entries if p.is_dir() or not (p.name in REPORT_FILES or p.suffix == ".png")]
+    if not foreign and (out / "results.json").is_file():
+        return None  # an earlier report
+    shown = ", ".join(sorted(foreign or [p.name for p in entries])[:4])
+    return (f"{str(out)!r} holds files that are not a report of pytest-mllmprobe ({shown}); the report "
+            "replaces its whole folder: give an empty or new folder, e.g. out/mllm-report")
+
+
+def _render(results: Mapping[str, Any], out: Path, reference: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+    """Write every report file into ``out``; the names written and the warnings."""
     warnings: list[str] = []
     version = results.get("schema_version")
     if version != SUPPORTED_SCHEMA:
         warnings.append(f"results schema_version is {version!r}; this report understands "
                         f"{SUPPORTED_SCHEMA}: some parts may be missing")
-    written = [atomic_write_bytes(out / "results.json", dumps(results).encode("utf-8"))]
+    written = ["results.json"]
+    (out / "results.json").write_bytes(dumps(results).encode("utf-8"))
 
     models = results["models"]
     names = file_stems(list(models))
@@ -77,11 +117,13 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
             except Exception as exc:  # a report must not hide the tables because one plot failed
                 warnings.append(f"could not draw {names[label]}.png: {type(exc).__name__}: {exc}")
                 continue
-            written.append(atomic_write_bytes(out / f"{names[label]}.png", model_pngs[label]))
+            (out / f"{names[label]}.png").write_bytes(model_pngs[label])
+            written.append(f"{names[label]}.png")
         try:
             if models:
                 profile_png = plots.render_profile(results)
-                written.append(atomic_write_bytes(out / "profile.png", profile_png))
+                (out / "profile.png").write_bytes(profile_png)
+                written.append("profile.png")
         except Exception as exc:
             warnings.append(f"could not draw profile.png: {type(exc).__name__}: {exc}")
     else:
@@ -93,23 +135,42 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
     from .page import render_page
 
     page = render_page(results, model_pngs, names, profile_png, warnings)
-    written.append(atomic_write_bytes(out / "index.html", page.encode("utf-8")))
-    return ReportOutcome(out_dir=out, written=tuple(written), warnings=tuple(warnings))
+    (out / "index.html").write_bytes(page.encode("utf-8"))
+    written.append("index.html")
+    return written, warnings
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a saved results.json (ValueError with the file name when it is not one)."""
+    """Read a saved results.json, checked key by key against :data:`~pytest_mllmprobe.schema.RESULTS`.
+
+    A ``ValueError`` (:class:`~pytest_mllmprobe.errors.ConfigError`) names the file and the first
+    key that is missing or of the wrong type; a file of another schema version is refused. One
+    model's dict (``results["models"][label]``, e.g. as a reference) and a baseline file (checked
+    by :func:`~pytest_mllmprobe.baseline.load_baseline`) are accepted too.
+    """
+    from ..schema import RESULTS, check, failer
+
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    try:
-        _check(data, what=str(path))
-    except ValueError:
-        if isinstance(data, dict) and "loci" in data:  # one model's dict, e.g. as a reference
-            return data
-        raise
+    if isinstance(data, dict) and "format" in data and "models" in data:  # a baseline file
+        from ..baseline import load_baseline
+
+        return load_baseline(path, flag="reference")
+    fail = failer(str(path), "write it again with --mllm-report or write_report()")
+    if isinstance(data, dict) and "models" not in data and "loci" in data:  # one model's dict
+        check(data, RESULTS["models"].value, "", fail)
+        return data
+    _check(data, what=str(path))
+    version = data.get("schema_version")
+    if version != SUPPORTED_SCHEMA:
+        raise ConfigError(
+            f"{path}: schema_version is {version!r}, this version of pytest-mllmprobe reads "
+            f"{SUPPORTED_SCHEMA}; write it again with this version (--mllm-report or write_report())"
+        )
+    check(data, RESULTS, "", fail)
     return data
 
 
