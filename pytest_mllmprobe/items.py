@@ -17,6 +17,8 @@ from .options import MARKER, XUNIT_WITH_TESTCASE_PROPERTIES, junit_family
 
 #: key of ``config.workeroutput`` that carries a worker's usage error to the xdist controller
 USAGE_ERROR_KEY = "mllmprobe_usage_error"
+#: the usage errors this process stopped the session with (printed as ``ERROR:`` lines at the end)
+USAGE_ERRORS = pytest.StashKey[list]()
 TIMEOUT_HINT = (
     "it runs once, in the model's first test, for all its tests, and is not restarted: give it "
     "time with a longer --timeout, or set timeout_func_only = true (the limit then applies to "
@@ -40,9 +42,10 @@ def end_with_usage_error(node: pytest.Node, message: str) -> None:
     """
     __tracebackhide__ = True
     text = f"mllmprobe usage error: {message}"
+    node.config.stash.setdefault(USAGE_ERRORS, []).append(message)
     workeroutput = getattr(node.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: stop the controller and the other workers too
-        workeroutput[USAGE_ERROR_KEY] = text
+        workeroutput[USAGE_ERROR_KEY] = message
         node.session.shouldstop = text
     pytest.exit(text, returncode=pytest.ExitCode.USAGE_ERROR)
 

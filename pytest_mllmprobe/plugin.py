@@ -9,6 +9,8 @@ threshold YAML (``models:`` sections).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from typing import Any
 
@@ -390,6 +392,24 @@ class ProbeReporter:
         message = (getattr(node, "workeroutput", None) or {}).get(USAGE_ERROR_KEY)
         if message and message not in self.usage_errors:
             self.usage_errors.append(message)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """A session stopped on bad input ends with one ``ERROR:`` line on stderr, as pytest's
+        own usage errors do (the controller prints those of its workers too)."""
+        if hasattr(config, "workerinput"):
+            return
+        from .items import USAGE_ERRORS
+
+        messages = list(dict.fromkeys([*config.stash.get(USAGE_ERRORS, []), *self.usage_errors]))
+        if not messages:
+            return
+        import sys
+
+        capman = config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            for message in messages:
+                sys.stderr.write(f"ERROR: {message}\n")
+            sys.stderr.flush()
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Write baselines and reports once, in the controller (not in xdist workers).
