@@ -172,6 +172,10 @@ def test_a_regression_is_a_failing_test_with_its_figures(pytester: pytest.Pytest
     props = {p.get("name"): p.get("value") for p in case.find("properties")}
     assert float(props["baseline"]) == 1.0 and float(props["p_value"]) < 0.05
     assert props["regressed"] == "True"
+    # one-line CI annotations carry the finding with its figures, not the table header
+    message = case.find("failure").get("message")
+    assert message.startswith("stage.answer: accuracy 0.000 < 0.800 (rule: P_final"), message
+    result.stdout.fnmatch_lines(["FAILED mllm/permuted-answer::stage.answer - stage.answer: accuracy 0.000 < 0.*"])  # cut at 80 columns
 
 
 def test_junit_validates_under_xdist_with_suite_properties(pytester: pytest.Pytester, junit_schema: Path) -> None:

@@ -226,6 +226,8 @@ def _npz(root: Path, kind: str) -> list[str]:
         np.savez(path, images=images, labels=labels[:7])
     elif kind == "float-labels":
         np.savez(path, images=images, labels=labels + 0.5)
+    elif kind == "unknown-token-labels":  # classes "0", "1", "2": not words the demo tokenizer knows
+        np.savez(path, images=np.repeat(images, 5, axis=0), labels=np.tile(labels, 5))
     else:
         raise AssertionError(kind)
     return ["--mllm-model=demo", f"--mllm-data={path}"]
@@ -357,6 +359,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], int, str]] = {
     "npz-images-1d": (lambda r: _npz(r, "images-1d"), 4, "expected (N, H, W)"),
     "npz-lengths-differ": (lambda r: _npz(r, "lengths-differ"), 4, "same length"),
     "npz-float-labels": (lambda r: _npz(r, "float-labels"), 4, "integer class indices"),
+    "npz-unknown-token-labels": (lambda r: _npz(r, "unknown-token-labels"), 4, "tokenize"),
+    # options that need the machine
+    "device-not-there": (lambda r: [*_demo_args(r), "--mllm-device=cuda:7"], 4, "--mllm-device 'cuda:7'"),
     # YAML
     "thresholds-syntax": (lambda r: _yaml(r, "syntax"), 4, "thresholds.yaml"),
     "thresholds-unknown-key": (lambda r: _yaml(r, "unknown-key"), 4, "flor"),
