@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Results", "Settings", "run", "__version__"]
+__all__ = ["ConfigError", "ModelAdapter", "Results", "Segments", "Settings", "run", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -32,6 +32,14 @@ def __getattr__(name: str) -> Any:
         from .settings import Settings
 
         return Settings
+    if name == "ModelAdapter":
+        from .models.adapter import ModelAdapter
+
+        return ModelAdapter
+    if name == "Segments":
+        from .models.families import Segments
+
+        return Segments
     if name == "ConfigError":
         from .errors import ConfigError
 

@@ -139,20 +139,33 @@ def generate_answers(
     device: Any,
     dtype: Any,
     max_new_tokens: int = GENERATION_TOKENS,
+    adapter: Any = None,
+    family_name: str = "",
 ) -> list[str]:
-    """Greedy generation after each prompt (left padding); the decoded new text per image."""
+    """Greedy generation after each prompt (left padding); the decoded new text per image.
+
+    ``adapter`` (a :class:`~pytest_mllmprobe.models.adapter.ModelAdapter`) builds the inputs;
+    by default the processor is called as transformers' processors are.
+    """
     import torch
 
     tokenizer = getattr(processor, "tokenizer", processor)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         index = list(range(start, min(start + batch_size, len(prompts))))
-        inputs = prepare_inputs(processor, images(index), [prompts[i] for i in index], device, dtype)
+        batch_images, batch_prompts = images(index), [prompts[i] for i in index]
+        if adapter is not None:
+            inputs = adapter.encode(processor, batch_images, batch_prompts, device, dtype, family_name=family_name)
+        else:
+            inputs = prepare_inputs(processor, batch_images, batch_prompts, device, dtype)
         with torch.inference_mode():
             out = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=getattr(tokenizer, "pad_token_id", None),
             )
-        new = out[:, inputs["input_ids"].shape[1]:]
+        prompt = inputs["input_ids"]
+        # most models return the prompt and the new tokens; some (Hulu-Med) the new tokens only
+        echoed = out.shape[1] > prompt.shape[1] and torch.equal(out[:, :prompt.shape[1]], prompt.to(out.device))
+        new = out[:, prompt.shape[1]:] if echoed else out
         texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return texts

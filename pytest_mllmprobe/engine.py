@@ -17,8 +17,8 @@ import numpy as np
 
 from .data import Dataset, fold_indices, load_dataset, split_indices
 from .errors import ConfigError
-from .models import LoadedModel, ModelSpec, StageMap, detect_stages, load_model, load_structure, resolve_model
-from .models.load import pick_device
+from .models import LoadedModel, ModelAdapter, ModelSpec, StageMap, adapter_for, detect_stages, resolve_model
+from .models.load import pick_device, placement
 from .prompts import DEFAULT_QUESTION, build_prompt
 from .results import LocusResult, ModelResult, Results
 from .settings import Settings
@@ -36,16 +36,22 @@ class ModelPlan:
     spec: ModelSpec
     stage_map: StageMap
     thresholds: Any
+    #: how the model is loaded, fed and read (:mod:`pytest_mllmprobe.models.adapter`)
+    adapter: ModelAdapter | None = None
 
     @property
     def loci(self) -> tuple[str, ...]:
         return self.stage_map.loci
 
     def stage_overrides(self, settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
-        """Module paths that replace detection, with where each was written: the model's
-        ``modules`` section of the threshold files, then ``--mllm-stages`` (which wins)."""
-        paths = {**self.thresholds.modules, **settings.stages}
-        sources = {k: v for k, v in self.thresholds.module_sources.items() if k not in settings.stages}
+        """Module paths that replace detection, with where each was written: the adapter's
+        ``stages``, the model's ``modules`` section of the threshold files, then ``--mllm-stages``
+        (which wins)."""
+        own = dict(self.adapter.stages) if self.adapter is not None else {}
+        paths = {**own, **self.thresholds.modules, **settings.stages}
+        sources = {k: f"--mllm-model {self.spec.source} (the adapter's stages[{k!r}])" for k in own}
+        sources.update(self.thresholds.module_sources)
+        sources = {k: v for k, v in sources.items() if k not in settings.stages}
         return paths, sources
 
 
@@ -83,13 +89,12 @@ def _preflight(settings: Settings, specs: list[ModelSpec]) -> None:
     user opts in) and its weight files are whole (headers only)."""
     from pathlib import Path
 
-    from .models.load import load_config
     from .preflight import check_device, check_weights
 
     check_device(settings.device)
     for spec in specs:
-        if Path(spec.source).is_dir():
-            load_config(spec, settings.trust_remote_code)
+        if not spec.entry_point and Path(spec.source).is_dir():
+            adapter_for(spec, trust_remote_code=settings.trust_remote_code).config()
             check_weights(spec.source)
 
 
@@ -109,8 +114,9 @@ def _model_specs(settings: Settings) -> list[ModelSpec]:
 
 def _model_plan(settings: Settings, spec: ModelSpec, threshold_set: Any) -> ModelPlan:
     """One model's rules and stage map, detected on the ``meta`` device (no weights read)."""
-    structure = load_structure(spec, trust_remote_code=settings.trust_remote_code)
-    unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source))
+    adapter = adapter_for(spec, trust_remote_code=settings.trust_remote_code)
+    structure = adapter.structure()
+    unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source), adapter)
     return replace(unmapped, stage_map=detect_stages(structure, *unmapped.stage_overrides(settings)))
 
 
@@ -194,6 +200,7 @@ class ModelRun:
         """Load the model, extract every locus, generate answers if asked; the model is freed after."""
         loaded = self.load()
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
+        self.check_flow(loaded, prompt)
         features = self.extract(loaded, prompt)
         if self.settings.answer == "generate":
             self.generated = self.answer(loaded, prompt)
@@ -201,14 +208,31 @@ class ModelRun:
 
     def load(self) -> LoadedModel:
         start = time.perf_counter()
+        adapter = self.adapter
         with quiet_transformers():
-            loaded = load_model(
-                self.model_plan.spec, device=self.settings.device, dtype=self.settings.dtype,
-                trust_remote_code=self.settings.trust_remote_code, device_map=self.settings.device_map,
-            )
+            model, processor = adapter.load(self.settings.device, self.settings.dtype, self.settings.device_map)
+        loaded = LoadedModel(self.model_plan.spec, model, processor, *placement(model, self.settings.device, self.settings.dtype, self.settings.device_map), adapter)
         self.stage_map = detect_stages(loaded.model, *self.model_plan.stage_overrides(self.settings))
         self.timings["load_s"] = time.perf_counter() - start
         return loaded
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        plan = self.model_plan
+        if plan.adapter is not None:
+            return plan.adapter
+        return adapter_for(plan.spec, trust_remote_code=self.settings.trust_remote_code)
+
+    def check_flow(self, loaded: LoadedModel, prompt: str) -> None:
+        """The stage map proven on one image: vision feeds the connector, the connector the LLM."""
+        from .models.flow import check_data_flow
+
+        start = time.perf_counter()
+        adapter, family_name = loaded.adapter or ModelAdapter(), self.stage_map.family
+        inputs = adapter.encode(loaded.processor, [self.dataset.image(0)], [prompt], loaded.device, loaded.dtype,
+                                family_name=family_name)
+        check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)})
+        self.timings["flow_check_s"] = time.perf_counter() - start
 
     def extract(self, loaded: LoadedModel, prompt: str) -> Features:
         """Every locus in one forward pass per batch; out of memory halves the batch size."""
@@ -225,7 +249,7 @@ class ModelRun:
             continuations=class_continuations(tokenizer, prompt, self.spoken),
             batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
             progress=(lambda done, total: self.progress(label, done, total)) if self.progress else None,
-            on_oom=halved.append,
+            on_oom=halved.append, adapter=loaded.adapter,
         )
         self.timings["extract_s"] = time.perf_counter() - start
         if halved:  # reported in the summary
@@ -242,6 +266,7 @@ class ModelRun:
         texts = generate_answers(
             loaded.model, loaded.processor, lambda index: [self.dataset.image(test[i]) for i in index],
             [prompt] * len(test), batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
+            adapter=loaded.adapter, family_name=self.stage_map.family,
         )
         self.timings["generate_s"] = time.perf_counter() - start
         return texts

@@ -22,8 +22,9 @@ import numpy as np
 
 from .answer import scores_by_continuation, scores_from_last_logits, single_token
 from .errors import ConfigError
-from .inputs import last_prompt_index, no_cache, prepare_inputs
-from .models.families import Segments, family, segments
+from .inputs import last_prompt_index, no_cache
+from .models.adapter import ModelAdapter
+from .models.families import Segments
 from .models.stages import StageMap
 
 
@@ -284,6 +285,7 @@ def extract(
     progress: Callable[[int, int], None] | None = None,
     padding_side: str = "left",
     on_oom: Callable[[int], None] | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> Features:
     """Pooled features of every locus and answer scores for ``len(prompts)`` images.
 
@@ -291,6 +293,7 @@ def extract(
     batch at a time. Left padding is the default (the answer's continuation scoring needs it);
     right padding gives the same features. Out of memory halves the batch size and retries the
     same images (``on_oom(new_batch_size)`` is told); at batch size 1 it is an error.
+    ``adapter`` feeds the model and splits its outputs per image (default: transformers' way).
     """
     import torch
 
@@ -299,7 +302,7 @@ def extract(
             f"the {stage_map.family!r} config has no image_token_id / image_token_index: the "
             "image-token readout cannot find the image positions"
         )
-    quirks = family(stage_map.family)
+    adapter = adapter if adapter is not None else ModelAdapter()
     n = len(prompts)
     scores: list[Any] = []
     with PoolingHooks(model, stage_map) as hooks, torch.inference_mode():
@@ -308,7 +311,7 @@ def extract(
             index = list(range(start, min(start + batch_size, n)))
             try:
                 batch_scores = _one_batch(
-                    model, processor, stage_map, hooks, quirks, images(index), [prompts[i] for i in index],
+                    model, processor, stage_map, hooks, adapter, images(index), [prompts[i] for i in index],
                     continuations, device, dtype, padding_side, slice(index[0], index[-1] + 1), n,
                 )
             except torch.OutOfMemoryError as exc:
@@ -330,25 +333,21 @@ def extract(
 
 
 def _one_batch(
-    model: Any, processor: Any, stage_map: StageMap, hooks: PoolingHooks, quirks: Any, images: list[Any],
+    model: Any, processor: Any, stage_map: StageMap, hooks: PoolingHooks, adapter: ModelAdapter, images: list[Any],
     prompts: list[str], continuations: list[list[int]], device: Any, dtype: Any, padding_side: str,
     rows: slice, n: int,
 ) -> Any:
     """One forward with the hooks on (they write rows ``rows`` of their outputs); the answer scores."""
     import torch
 
-    inputs = prepare_inputs(processor, images, prompts, device, dtype, padding_side, nested=quirks.nested_images)
-    if quirks.adjust is not None:
-        inputs = quirks.adjust(inputs)
+    inputs = adapter.encode(processor, images, prompts, device, dtype, padding_side, family_name=stage_map.family)
     mask = inputs["attention_mask"]
-    extra: dict[str, Any] = {}
-    if quirks.mask_positions:
-        extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    extra = adapter.positions(inputs, family_name=stage_map.family)
     last_index = last_prompt_index(mask)
     hooks.begin_batch(
         inputs["input_ids"] == stage_map.image_token_id if "image" in stage_map.llm_readouts else None,
         last_index,
-        segments(stage_map, model, inputs),
+        adapter.segments(stage_map, model, inputs),
         rows=rows, n=n,
     )
     left_padded = bool((last_index == mask.shape[1] - 1).all())

@@ -19,7 +19,7 @@ def run_extract(loaded: Any, stage_map: Any, images: list[Any], prompts: list[st
     return extract(
         loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx], prompts,
         continuations, batch_size=batch_size, device=loaded.device, dtype=loaded.dtype,
-        padding_side=padding_side,
+        padding_side=padding_side, adapter=getattr(loaded, "adapter", None),
     )
 
 

@@ -77,6 +77,9 @@ class Family:
     #: tokens in its stream, so only the ``last`` readout exists, and the image reaches it at
     #: the first cross-attention layer (``llm_entry``)
     cross_attention: bool = False
+    #: the model re-packs the connector's tile outputs before the language model reads them
+    #: (LLaVA-NeXT: unpadding and newline tokens), so connector tokens != image tokens
+    repacks: bool = False
 
 
 def _llava_next_segments(stage_map: Any, model: Any, inputs: dict[str, Any]) -> Segments:
@@ -219,8 +222,8 @@ FAMILIES: dict[str, Family] = {
     # LLaVA and its descendants: CLIP/SigLIP tower, projector, 1-D rotary decoder
     "llava": Family(mask_positions=True),
     "vipllava": Family(mask_positions=True),
-    "llava_next": Family(mask_positions=True, segments=_llava_next_segments),
-    "llava_onevision": Family(mask_positions=True, segments=_llava_next_segments),
+    "llava_next": Family(mask_positions=True, segments=_llava_next_segments, repacks=True),
+    "llava_onevision": Family(mask_positions=True, segments=_llava_next_segments, repacks=True),
     "mistral3": Family(mask_positions=True, segments=_pixtral_segments),
     "internvl": Family(mask_positions=True, segments=_token_tile_segments),
     "aya_vision": Family(mask_positions=True, segments=_token_tile_segments),

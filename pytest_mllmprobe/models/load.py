@@ -13,6 +13,8 @@ from typing import Any
 from ..errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+#: ``--mllm-model package.module:function`` (an adapter entry point)
+ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -24,6 +26,8 @@ class ModelSpec:
     label: str
     source: str
     is_demo: bool = False
+    #: ``source`` is ``package.module:function`` returning a :class:`~.adapter.ModelAdapter`
+    entry_point: bool = False
 
 
 @dataclass
@@ -33,6 +37,8 @@ class LoadedModel:
     processor: Any
     device: Any
     dtype: Any
+    #: the :class:`~.adapter.ModelAdapter` that loaded it and feeds it (``None``: transformers' way)
+    adapter: Any = None
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -42,6 +48,8 @@ def resolve_model(name: str) -> ModelSpec:
 
         return ModelSpec("demo", str(DEMO_MODEL), is_demo=True)
     path = Path(name).expanduser()
+    if ENTRY_POINT.match(name) and not path.exists():
+        return ModelSpec(name.rpartition(":")[2], name, entry_point=True)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ConfigError(
@@ -124,6 +132,19 @@ def pick_device(device: str, worker: str | None = None) -> Any:
         return torch.device(device)
     except RuntimeError as exc:
         raise ConfigError(f"--mllm-device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+
+
+def placement(model: Any, device: str, dtype: str, device_map: str | None = None) -> tuple[Any, Any]:
+    """``(device, dtype)`` of a loaded model's inputs: the device of its input embeddings when
+    accelerate spread it (``device_map``), else the asked one; the float type of its embeddings."""
+    torch_device = pick_device(device)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if device_map is not None and weight is not None:
+        torch_device = weight.device
+    if weight is not None and weight.is_floating_point():
+        return torch_device, weight.dtype
+    return torch_device, pick_dtype(dtype, torch_device)
 
 
 def pick_dtype(dtype: str, device: Any) -> Any:

@@ -118,13 +118,20 @@ def detect_stages(
 
     vision = _find_named(modules, VISION_NAMES)
     language = _language_model_path(model, modules)
-    connector = overrides.get("connector") or _connector_path(modules, family, vision, language)
     quirks = family_quirks(family)
     vision_lists = [f"{vision}.{name}" for name in quirks.vision_layer_lists if f"{vision}.{name}" in modules]
     if overrides.get("vision") or not vision_lists:
         vision_lists = [overrides.get("vision") or (vision and _largest_layer_list(modules, vision))]
     vision_layers = vision_lists[0]
-    llm_layers = overrides.get("llm") or (language and _largest_layer_list(modules, language))
+    # LLaVA-original code puts the vision tower and projector inside the decoder module that
+    # get_decoder() returns: the language model's layers are never the vision encoder's
+    llm_layers = overrides.get("llm") or (
+        language and _largest_layer_list(modules, language, outside=(vision, overrides.get("vision")))
+    )
+    connector = overrides.get("connector") or _connector_path(
+        modules, family, vision, llm_layers if _inside(vision, language) else language
+    )
+    _check_disjoint(vision_lists, llm_layers, where)
     missing = [
         name for name, path in (
             ("vision encoder layers", vision_layers),
@@ -145,9 +152,7 @@ def detect_stages(
                 "not a list of layers (nn.ModuleList); give the path of the layer list"
             )
 
-    feature_layer = getattr(config, "vision_feature_layer", None)
-    if feature_layer is None:
-        feature_layer = getattr(config, "vision_feature_layers", None)
+    feature_layer = _feature_layer(config)
     vision_paths = tuple(f"{path}.{i}" for path in vision_lists for i in range(len(modules[path])))
     notes = []
     if quirks.consumed is not None and "vision" not in overrides:
@@ -161,11 +166,16 @@ def detect_stages(
                      + ", ".join(f"vision.{i}" for i in consumed))
     else:
         consumed = _consumed_layers(feature_layer, len(vision_paths))
+        if _reads_embeddings(feature_layer, len(vision_paths)):
+            notes.append(
+                "the connector also reads the vision embeddings (hidden_states[0], before vision.0), "
+                "which are no encoder block and are not probed"
+            )
     readouts, entry = ("image", "last"), 0
     if quirks.cross_attention:
         readouts = ("last",)
-        crossing = getattr(getattr(config, "text_config", config), "cross_attention_layers", None) or [0]
-        entry = min(int(i) for i in crossing)
+        crossing = _cross_attention_layers(config, len(modules[llm_layers]), llm_layers)
+        entry = min(crossing)
         notes.append(
             "the language model reads the image through cross-attention layers "
             + ", ".join(str(int(i)) for i in crossing)
@@ -235,33 +245,108 @@ def _language_model_path(model: Any, modules: dict[str, Any]) -> str | None:
     return _find_named(modules, LANGUAGE_NAMES)
 
 
-def _largest_layer_list(modules: dict[str, Any], root: str) -> str | None:
-    """The longest ``nn.ModuleList`` under ``root`` (shallowest on ties)."""
+def _largest_layer_list(modules: dict[str, Any], root: str, outside: tuple[str | None, ...] = ()) -> str | None:
+    """The longest ``nn.ModuleList`` under ``root`` and not under ``outside``.
+
+    Ties go to the shallowest list, then to the first one the model registered (its forward
+    order): Qwen3-VL's ``visual.blocks`` before its ``visual.deepstack_merger_list``.
+    """
     import torch.nn as nn
 
-    best: tuple[int, int, str] | None = None
+    fences = [o for o in outside if o and o != root]
+    best: tuple[int, int] | None = None
+    chosen = None
     for path, module in modules.items():
         if not (path == root or path.startswith(root + ".")):
             continue
+        if any(path == f or path.startswith(f + ".") for f in fences):
+            continue
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            key = (len(module), -path.count("."), path)
+            key = (len(module), -path.count("."))
             if best is None or key > best:
-                best = key
-    return best[2] if best else None
+                best, chosen = key, path
+    return chosen
+
+
+#: config keys naming the vision layer the connector reads: transformers' (a list for VipLLaVA)
+#: and the original LLaVA code's
+FEATURE_LAYER_KEYS = ("vision_feature_layer", "vision_feature_layers", "mm_vision_select_layer")
+
+
+def _feature_layer(config: Any) -> Any:
+    for key in FEATURE_LAYER_KEYS:
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _indices(feature_layer: Any) -> list[int]:
+    return [int(i) for i in (feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer])]
 
 
 def _consumed_layers(feature_layer: Any, n_layers: int) -> tuple[int, ...]:
-    """Map ``vision_feature_layer`` (an index into hidden_states, which start with the
-    embeddings) to the encoder block whose output the connector reads."""
+    """Map ``vision_feature_layer`` (an index into hidden_states, whose entry 0 is the
+    embeddings) to the encoder blocks whose outputs the connector reads.
+
+    The embeddings (index 0, or ``-(n_layers + 1)``) are no block: they are left out (the
+    summary notes them); a config that reads nothing but the embeddings, or an index past the
+    encoder, is a usage error.
+    """
     if feature_layer is None:
         return (n_layers - 1,)
-    indices = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
     layers = []
-    for index in indices:
-        index = int(index)
-        block = n_layers + index if index < 0 else index - 1
-        layers.append(min(max(block, 0), n_layers - 1))
+    for index in _indices(feature_layer):
+        hidden_state = n_layers + 1 + index if index < 0 else index  # index into hidden_states
+        if not 0 <= hidden_state <= n_layers:
+            raise ConfigError(
+                f"vision_feature_layer {feature_layer!r}: index {index} is outside the vision encoder's "
+                f"hidden states (embeddings + {n_layers} blocks: -{n_layers + 1} .. {n_layers}); fix the "
+                "model's config"
+            )
+        if hidden_state > 0:
+            layers.append(hidden_state - 1)
+    if not layers:
+        raise ConfigError(
+            f"vision_feature_layer {feature_layer!r} reads only the vision embeddings (hidden_states[0]), "
+            "not the output of any encoder block: the vision stage has nothing the connector reads; fix "
+            "the model's config or name the vision layers with --mllm-stages vision=..."
+        )
     return tuple(sorted(set(layers)))
+
+
+def _reads_embeddings(feature_layer: Any, n_layers: int) -> bool:
+    if feature_layer is None:
+        return False
+    return any((n_layers + 1 + i if i < 0 else i) == 0 for i in _indices(feature_layer))
+
+
+def _cross_attention_layers(config: Any, n_layers: int, path: str) -> list[int]:
+    """The decoder layers that cross-attend to the image, checked against the decoder's length."""
+    text = getattr(config, "text_config", config)
+    crossing = [int(i) for i in (getattr(text, "cross_attention_layers", None) or [0])]
+    outside = [i for i in crossing if not 0 <= i < n_layers]
+    if outside:
+        raise ConfigError(
+            f"text_config.cross_attention_layers {crossing} names decoder layer(s) "
+            f"{', '.join(map(str, outside))}, but {path} has {n_layers} layers (0 .. {n_layers - 1}): "
+            "the image would never reach the language model; fix the model's config"
+        )
+    return crossing
+
+
+def _inside(path: str | None, root: str | None) -> bool:
+    return bool(path and root) and (path == root or path.startswith(f"{root}."))
+
+
+def _check_disjoint(vision_lists: list[str | None], llm_layers: str | None, where: Any) -> None:
+    """The vision stage is never a list inside the language model's layers, nor the reverse."""
+    for vision in vision_lists:
+        if vision and llm_layers and (_inside(vision, llm_layers) or _inside(llm_layers, vision)):
+            raise ConfigError(
+                f"{where('vision', vision)} and {where('llm', llm_layers)}: one layer list lies inside the "
+                "other, so one stage would be probed as the other; name two separate layer lists"
+            )
 
 
 def _is_layer_list(module: Any) -> bool:
