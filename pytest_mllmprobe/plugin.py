@@ -26,6 +26,39 @@ class _Keys:
     settings = pytest.StashKey["Any"]()
     evaluator = pytest.StashKey["Any"]()
     sent = pytest.StashKey["set[str]"]()
+    progress = pytest.StashKey["ExtractionProgress"]()
+
+
+#: The first part of every generated node id: ``mllm/<model label>::<locus or stage rule>``.
+NODE_ROOT = "mllm"
+
+
+def model_node_path(label: str) -> str:
+    """The path part of a model's node ids (``mllm/demo``); it names no file."""
+    return f"{NODE_ROOT}/{label}"
+
+
+def is_model_path(config: pytest.Config, path: str) -> bool:
+    """``path`` (the part of a node id before ``::``) is a model node's, not a test file's."""
+    return path.startswith(f"{NODE_ROOT}/") and not (config.rootpath / path).exists()
+
+
+def keep_model_nodeids(config: pytest.Config) -> None:
+    """Model node ids print as they are (``mllm/demo::connector``) from any folder.
+
+    pytest rewrites node ids relative to the folder it was started from, for the verbose lines
+    and the short summary (``FAILED ../mllm/demo::connector`` from a subfolder of the rootdir).
+    A model node names no file, so that rewriting only changes the id people search and paste
+    into ``-k``; test files' ids are left to pytest.
+    """
+    original = config.cwd_relative_nodeid
+
+    def cwd_relative_nodeid(nodeid: Any) -> Any:
+        if is_model_path(config, str(nodeid).split("::")[0]):
+            return nodeid
+        return original(nodeid)
+
+    config.cwd_relative_nodeid = cwd_relative_nodeid  # type: ignore[method-assign]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -170,6 +203,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_Keys.settings] = settings
         config.stash[_Keys.sent] = set()
         config.pluginmanager.register(ProbeReporter(config, settings), "mllmprobe-reporter")
+        keep_model_nodeids(config)
+        progress = config.stash[_Keys.progress] = ExtractionProgress(config)
+        config.pluginmanager.register(progress, "mllmprobe-progress")
 
 
 def check_outputs(config: pytest.Config, settings: Any) -> None:
@@ -238,12 +274,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from .items import ModelNode
 
     try:
-        evaluator = engine.Evaluator(engine.plan(settings), progress=ExtractionProgress(config))
+        evaluator = engine.Evaluator(engine.plan(settings), progress=config.stash[_Keys.progress])
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_Keys.evaluator] = evaluator
     for model_plan in evaluator.plan.models:
-        node = ModelNode.from_parent(session, name=model_plan.spec.label, nodeid=f"mllm/{model_plan.spec.label}")
+        label = model_plan.spec.label
+        node = ModelNode.from_parent(session, name=label, nodeid=model_node_path(label))
         node.setup_plan(model_plan, evaluator)
         new = node.collect()
         # Report the node like any collector, so "collected N items" and --collect-only count it.
@@ -303,13 +340,80 @@ class ExtractionProgress:
     """Images/s and ETA of each model's extraction, on the terminal (not captured); quiet with -q.
 
     On a terminal one line is rewritten in place; in a CI log a line is printed at each quarter.
+    Progress never breaks into pytest's own lines. A model is evaluated in the setup of its first
+    test, after pytest has printed that test's location (``mllm/demo `` before the dots, or
+    ``mllm/demo::vision.0 `` with ``-v``); so the location of a model's first test is held back
+    (:meth:`pytest_runtest_logstart`) and written once its setup has ended
+    (:meth:`pytest_runtest_logreport`): the progress lines stand on lines of their own, before it.
+    Progress that interrupts any other line (a test of yours using ``mllm_results``) ends by
+    writing that line's location again, so no result letter is left alone on a line.
     """
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self._start: dict[str, float] = {}
+        #: per model: time and images done at its first progress call
+        self._start: dict[str, tuple[float, int]] = {}
         self._shown: dict[str, int] = {}
+        #: model node paths whose first test has started
+        self._started: set[str] = set()
+        #: the location held back: (node id, what pytest keeps as its current location, the text)
+        self._held: tuple[str, Any, str] | None = None
+        #: per model whose progress is on screen: the interrupted location to write again, if any
+        self._interrupted: dict[str, tuple[Any, str] | None] = {}
 
+    # -- where pytest's lines begin -----------------------------------------------------------
+    def _reporter(self) -> Any:
+        """pytest's terminal reporter, when this process prints the test lines (not under xdist)."""
+        if hasattr(self.config, "workerinput") or self.config.pluginmanager.hasplugin("dsession"):
+            return None
+        return self.config.pluginmanager.get_plugin("terminalreporter")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
+        path = nodeid.split("::")[0]
+        reporter = self._reporter()
+        if reporter is None or not is_model_path(self.config, path):
+            return
+        first = path not in self._started
+        self._started.add(path)
+        if reporter.showlongtestinfo:  # -v: pytest writes the test's id, then PASSED
+            if first:
+                line = _location_line(reporter, nodeid, location)
+                if line is not None:
+                    reporter.write("\n")  # what pytest writes before the id
+                    reporter.currentfspath = line  # so pytest writes nothing now
+                    self._held = (nodeid, line, line)
+        elif reporter.showfspath:  # the model's node path, then a letter per test
+            fspath = self.config.rootpath / path
+            if reporter.currentfspath == fspath:
+                return
+            # pytest's own way to end the previous line, then the path as the node id has it
+            # (pytest would write it relative to the invocation folder: ../mllm/demo)
+            fill = getattr(reporter, "_write_progress_information_filling_space", None)
+            if reporter.currentfspath is not None and getattr(reporter, "_show_progress_info", False) and fill:
+                fill()
+            reporter.write("\n")
+            reporter.currentfspath = fspath
+            if first:
+                self._held = (nodeid, fspath, f"{path} ")
+            else:
+                reporter.write(f"{path} ", flush=True)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """The model's first test has been set up (its evaluation is done): write its location."""
+        if self._held is None or report.nodeid != self._held[0]:
+            return
+        reporter = self._reporter()
+        _, key, text = self._held
+        self._held = None
+        if reporter is not None:
+            if reporter.currentfspath not in (None, key):  # something else wrote a line meanwhile
+                reporter.ensure_newline()
+            reporter.write(text, flush=True)
+            reporter.currentfspath = key
+
+    # -- the progress lines ----------------------------------------------------------------
     def __call__(self, label: str, done: int, total: int) -> None:
         import time
 
@@ -317,31 +421,75 @@ class ExtractionProgress:
         if reporter is None or self.config.get_verbosity() < 0:
             return
         now = time.perf_counter()
-        start = self._start.setdefault(label, now)
-        elapsed = max(now - start, 1e-9)
-        rate = done / elapsed if done else 0.0
-        eta = (total - done) / rate if rate else float("nan")
-        text = f"mllmprobe: {label}: extracted {done}/{total} images, {rate:.1f} img/s, ETA {eta:.0f} s"
+        # the first call comes after the first batch: rates count from there
+        start, start_done = self._start.setdefault(label, (now, done))
+        rate = (done - start_done) / (now - start) if done > start_done and now > start else None
         capture = self.config.pluginmanager.get_plugin("capturemanager")
-        if capture is None:
-            self._show(reporter, label, done, total, text, elapsed, rate)
-            return
-        with capture.global_and_fixture_disabled():
-            self._show(reporter, label, done, total, text, elapsed, rate)
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            self._show(reporter, label, done, total, rate)
 
-    def _show(self, reporter: Any, label: str, done: int, total: int, text: str, elapsed: float, rate: float) -> None:
+    def _show(self, reporter: Any, label: str, done: int, total: int, rate: float | None) -> None:
+        text = f"mllmprobe: {label}: extracted {done}/{total} images"
+        if rate is not None:
+            text += f", {rate:.1f} img/s" + (f", ETA {(total - done) / rate:.0f} s" if done < total else "")
         if reporter.isatty():
+            if label not in self._interrupted:
+                self._interrupted[label] = self._interrupt(reporter)
+            reporter.rewrite(text, erase=True)
             if done == total:
-                reporter.rewrite(f"mllmprobe: {label}: extracted {total} images in {elapsed:.1f} s ({rate:.1f} img/s)", erase=True)
-                reporter.write_line("")
-            else:
-                reporter.rewrite(text, erase=True)
+                reporter.write("\n", flush=True)
+                self._resume(reporter, label)
             return
         quarter = (4 * done) // max(total, 1)
         if quarter > self._shown.get(label, 0) or done == total:
             self._shown[label] = quarter
-            reporter.ensure_newline()
+            if label not in self._interrupted:
+                self._interrupted[label] = self._interrupt(reporter)
             reporter.write_line(text)
+            if done == total:
+                self._resume(reporter, label)
+
+    def _interrupt(self, reporter: Any) -> tuple[Any, str] | None:
+        """Start the progress at the beginning of a line; return the location it interrupts."""
+        if self._held is not None:  # the line is empty: its location is written after the setup
+            reporter.currentfspath = None
+            return None
+        key = reporter.currentfspath
+        reporter.ensure_newline()
+        if isinstance(key, str):  # -v: the test's id
+            return key, key
+        if key is not None and not isinstance(key, int):  # a path: the letters of its tests follow
+            path = key.relative_to(self.config.rootpath).as_posix() if key.is_relative_to(self.config.rootpath) else None
+            if path is not None and is_model_path(self.config, path):
+                return key, f"{path} "
+            from _pytest.pathlib import bestrelpath
+
+            return key, f"{bestrelpath(reporter.startpath, key)} "
+        return None
+
+    def _resume(self, reporter: Any, label: str) -> None:
+        """The progress is over: write the interrupted location again, its letters follow."""
+        interrupted = self._interrupted.pop(label, None)
+        self._start.pop(label, None)
+        self._shown.pop(label, None)
+        if interrupted is not None:
+            key, text = interrupted
+            reporter.write(text, flush=True)
+            reporter.currentfspath = key
+
+
+def _location_line(reporter: Any, nodeid: str, location: tuple[str, int | None, str]) -> str | None:
+    """The id pytest writes for a test with ``-v`` (its ``_locationline``); ``None`` if unknown."""
+    try:
+        try:
+            from _pytest.nodeid import NodeId  # pytest >= 9 takes a parsed node id
+
+            parsed: Any = NodeId.parse(nodeid)
+        except ImportError:
+            parsed = nodeid
+        return str(reporter._locationline(parsed, *location))
+    except Exception:  # a pytest whose internals differ: pytest writes the id itself
+        return None
 
 
 class ProbeReporter:

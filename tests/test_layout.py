@@ -1,4 +1,5 @@
-"""The package is a one-way stack: no module imports, even lazily, a module that imports it back."""
+"""The package is a one-way stack: no module imports, even lazily, a module that imports it back;
+and docs/architecture.md describes every module and folder of it, no more."""
 
 from __future__ import annotations
 
@@ -102,3 +103,32 @@ def test_nothing_below_the_plugin_imports_pytest_or_the_plugin(engine_module: st
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "pytest" not in names and "plugin" not in names and "items" not in names
+
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def documented_modules() -> list[str]:
+    """The first cell of each row of the module table in docs/architecture.md (``engine.py``, ``data/``)."""
+    import re
+
+    rows = re.findall(r"^\| `([^`]+)` \|", ARCHITECTURE.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert rows, f"no module table in {ARCHITECTURE}"
+    return rows
+
+
+def package_entries() -> set[str]:
+    """The modules and subpackages directly under pytest_mllmprobe/ (files inside folders are not listed)."""
+    modules = {path.name for path in PACKAGE.glob("*.py")}
+    folders = {f"{path.name}/" for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()}
+    return modules | folders
+
+
+def test_the_architecture_page_names_every_module_and_only_those() -> None:
+    documented = documented_modules()
+    assert len(documented) == len(set(documented)), "a module has two rows in docs/architecture.md"
+    actual = package_entries()
+    missing = sorted(actual - set(documented))
+    stale = sorted(set(documented) - actual)
+    assert not missing, f"docs/architecture.md does not describe {missing}: add a row saying what each owns"
+    assert not stale, f"docs/architecture.md describes {stale}, which pytest_mllmprobe/ does not have"

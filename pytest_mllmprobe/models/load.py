@@ -42,7 +42,8 @@ class LoadedModel:
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """Turn ``--mllm-model`` into a spec: ``demo``, a local folder, or a hub id."""
+    """Turn ``--mllm-model`` into a spec: ``demo``, a local folder, a hub id, or
+    ``package.module:function`` (an adapter entry point, :mod:`.adapter`)."""
     if name == "demo":
         from ..demo import DEMO_MODEL
 
@@ -63,8 +64,8 @@ def resolve_model(name: str) -> ModelSpec:
         return ModelSpec(name.split("/")[-1], name)
     raise ConfigError(
         f"--mllm-model {name!r} was not found: no such folder, and it is not a hub id; expected a "
-        "local folder with config.json (from save_pretrained), 'demo' for the bundled model, or "
-        "a hub id such as 'org/name'"
+        "local folder with config.json (from save_pretrained), 'demo' for the bundled model, "
+        "a hub id such as 'org/name', or package.module:function returning a ModelAdapter"
     )
 
 

@@ -399,7 +399,8 @@ def _unsupported_message(model: Any, family: str, missing: list[str], modules: d
         f"cannot find the {', '.join(missing)} of this {family!r} model ({type(model).__name__}). "
         f"Its layer lists (length): {layer_text}; its modules: {', '.join(top + inner[:20]) or '(none)'}. "
         f"Name the stages yourself, e.g. --mllm-stages vision={vision},connector={connector},llm={llm} "
-        "(or a 'modules:' entry in the model's section of a threshold file; see docs/architectures.md)"
+        "(or a 'modules:' entry in the model's section of a threshold file; see docs/architectures.md); "
+        "the map is checked by data flow when the model loads"
     )
 
 
@@ -416,6 +417,12 @@ def _connector_guess(modules: dict[str, Any], vision: str, llm: str) -> str:
     for path, module in modules.items():
         inside = path.startswith(parent + ".") if parent else bool(path)
         if inside and path.count(".") == len(common) and path not in branches \
+                and path.split(".")[-1] not in NOT_CONNECTORS \
                 and not _is_layer_list(module) and any(True for _ in module.parameters()):
             return path
     return "<module>"
+
+
+#: modules beside the two branches that never carry the image: token embeddings, norms, heads
+NOT_CONNECTORS = ("embed_tokens", "wte", "word_embeddings", "embeddings", "norm", "final_layernorm",
+                  "ln_f", "lm_head", "rotary_emb")
