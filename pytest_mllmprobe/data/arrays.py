@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import zipfile
 import zlib
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..entry import call_entry_point
 from ..errors import ConfigError, close_matches
 from .config import read_sidecar_names
 from .dataset import Samples
@@ -139,35 +139,9 @@ def _unique_names(names: list[str], where: Any) -> list[str]:
 
 # --- module:function -----------------------------------------------------------------------
 
-def _call_entry(spec: str) -> Any:
-    module_name, func_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"--mllm-data {spec!r}: cannot import module {module_name!r} ({exc}); put it on "
-            "sys.path (PYTHONPATH), or check the spelling"
-        ) from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        choices = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ConfigError(
-            f"--mllm-data {spec!r}: module {module_name!r} has no function {func_name!r}"
-            f"{close_matches(func_name, choices)}"
-        )
-    try:
-        return func()
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(
-            f"--mllm-data {spec!r}: {func_name}() raised {type(exc).__name__}: {exc}"
-        ) from exc
-
-
 def read_entry(spec: str, skip: bool) -> Samples:
     """Call ``module:function`` (no arguments); it returns :data:`ENTRY_SHAPE`."""
-    result = _call_entry(spec)
+    result = call_entry_point(spec, "--mllm-data")
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise ConfigError(f"--mllm-data {spec!r} returned {type(result).__name__}; expected {ENTRY_SHAPE}")
     images, labels = result[0], result[1]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from ..entry import call_entry_point
 from ..errors import ConfigError
 from .adapter import ModelAdapter
 from .llava_original import LlavaOriginalAdapter, is_llava_original, raw_config
@@ -26,23 +25,8 @@ def adapter_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> ModelAda
 
 def entry_point_adapter(name: str) -> ModelAdapter:
     """Import ``module:function`` and call it; it must return a :class:`ModelAdapter`."""
-    module_name, _, function_name = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"--mllm-model {name!r}: cannot import module {module_name!r}: {exc}; put it on sys.path "
-            "(e.g. a conftest.py folder or an installed package)"
-        ) from exc
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ConfigError(f"--mllm-model {name!r}: module {module_name!r} has no function {function_name!r}")
-    try:
-        adapter = function()
-    except ConfigError:
-        raise
-    except Exception as exc:  # the user's code: its error, named, not a traceback of ours
-        raise ConfigError(f"--mllm-model {name!r}: {function_name}() raised {type(exc).__name__}: {exc}") from exc
+    adapter = call_entry_point(name, "--mllm-model")
+    function_name = name.rpartition(":")[2]
     if not isinstance(adapter, ModelAdapter):
         raise ConfigError(
             f"--mllm-model {name!r}: {function_name}() returned {type(adapter).__name__}, not a "
