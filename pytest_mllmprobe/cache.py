@@ -135,12 +135,9 @@ def extraction_settings(the_plan: Any, model_plan: Any) -> dict[str, Any]:
 def extraction_key(the_plan: Any, model_plan: Any) -> tuple[str, dict[str, Any]]:
     """``(key, meta)`` of one model's features in a planned run; no weights are read."""
     extraction = extraction_settings(the_plan, model_plan)
-    adapter = getattr(model_plan, "adapter", None)
-    source = model_plan.spec.source
-    if adapter is not None:  # which adapter read the weights, and the folder it read them from
-        extraction["adapter"] = f"{type(adapter).__module__}.{type(adapter).__qualname__}"
-        source = adapter.source or source
-    fingerprint = model_fingerprint(source)
+    adapter = model_plan.adapter  # which adapter read the weights, and the folder it read them from
+    extraction["adapter"] = f"{type(adapter).__module__}.{type(adapter).__qualname__}"
+    fingerprint = model_fingerprint(adapter.source or model_plan.spec.source)
     key = feature_key(fingerprint, the_plan.dataset.fingerprint, extraction)
     meta = {
         "model": model_plan.spec.source, "label": model_plan.spec.label, "model_fingerprint": fingerprint,

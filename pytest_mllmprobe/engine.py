@@ -37,7 +37,7 @@ class ModelPlan:
     stage_map: StageMap
     thresholds: Any
     #: how the model is loaded, fed and read (:mod:`pytest_mllmprobe.models.adapter`)
-    adapter: ModelAdapter | None = None
+    adapter: ModelAdapter
 
     @property
     def loci(self) -> tuple[str, ...]:
@@ -47,7 +47,7 @@ class ModelPlan:
         """Module paths that replace detection, with where each was written: the adapter's
         ``stages``, the model's ``modules`` section of the threshold files, then ``--mllm-stages``
         (which wins)."""
-        own = dict(self.adapter.stages) if self.adapter is not None else {}
+        own = dict(self.adapter.stages)
         paths = {**own, **self.thresholds.modules, **settings.stages}
         sources = {k: f"--mllm-model {self.spec.source} (the adapter's stages[{k!r}])" for k in own}
         sources.update(self.thresholds.module_sources)
@@ -76,15 +76,16 @@ def plan(settings: Settings) -> Plan:
     from .thresholds import load_thresholds
 
     specs = _model_specs(settings)
-    _preflight(settings, specs)
+    adapters = [adapter_for(spec, trust_remote_code=settings.trust_remote_code) for spec in specs]
+    _preflight(settings, specs, adapters)
     dataset = _dataset(settings, specs)
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
-    models = tuple(_model_plan(settings, spec, threshold_set) for spec in specs)
+    models = tuple(_model_plan(settings, spec, adapter, threshold_set) for spec, adapter in zip(specs, adapters))
     return Plan(settings, dataset, train, test, models, folds)
 
 
-def _preflight(settings: Settings, specs: list[ModelSpec]) -> None:
+def _preflight(settings: Settings, specs: list[ModelSpec], adapters: list[ModelAdapter]) -> None:
     """The device exists; every local model folder's config can be read (remote code only when the
     user opts in) and its weight files are whole (headers only)."""
     from pathlib import Path
@@ -92,9 +93,9 @@ def _preflight(settings: Settings, specs: list[ModelSpec]) -> None:
     from .preflight import check_device, check_weights
 
     check_device(settings.device)
-    for spec in specs:
+    for spec, adapter in zip(specs, adapters):
         if not spec.entry_point and Path(spec.source).is_dir():
-            adapter_for(spec, trust_remote_code=settings.trust_remote_code).config()
+            adapter.config()
             check_weights(spec.source)
 
 
@@ -112,9 +113,8 @@ def _model_specs(settings: Settings) -> list[ModelSpec]:
     return specs
 
 
-def _model_plan(settings: Settings, spec: ModelSpec, threshold_set: Any) -> ModelPlan:
+def _model_plan(settings: Settings, spec: ModelSpec, adapter: ModelAdapter, threshold_set: Any) -> ModelPlan:
     """One model's rules and stage map, detected on the ``meta`` device (no weights read)."""
-    adapter = adapter_for(spec, trust_remote_code=settings.trust_remote_code)
     structure = adapter.structure()
     unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source), adapter)
     return replace(unmapped, stage_map=detect_stages(structure, *unmapped.stage_overrides(settings)))
@@ -208,27 +208,21 @@ class ModelRun:
 
     def load(self) -> LoadedModel:
         start = time.perf_counter()
-        adapter = self.adapter
+        adapter = self.model_plan.adapter
         with quiet_transformers():
             model, processor = adapter.load(self.settings.device, self.settings.dtype, self.settings.device_map)
-        loaded = LoadedModel(self.model_plan.spec, model, processor, *placement(model, self.settings.device, self.settings.dtype, self.settings.device_map), adapter)
+        device, dtype = placement(model, self.settings.device, self.settings.dtype, self.settings.device_map)
+        loaded = LoadedModel(self.model_plan.spec, model, processor, device, dtype, adapter)
         self.stage_map = detect_stages(loaded.model, *self.model_plan.stage_overrides(self.settings))
         self.timings["load_s"] = time.perf_counter() - start
         return loaded
-
-    @property
-    def adapter(self) -> ModelAdapter:
-        plan = self.model_plan
-        if plan.adapter is not None:
-            return plan.adapter
-        return adapter_for(plan.spec, trust_remote_code=self.settings.trust_remote_code)
 
     def check_flow(self, loaded: LoadedModel, prompt: str) -> None:
         """The stage map proven on one image: vision feeds the connector, the connector the LLM."""
         from .models.flow import check_data_flow
 
         start = time.perf_counter()
-        adapter, family_name = loaded.adapter or ModelAdapter(), self.stage_map.family
+        adapter, family_name = loaded.adapter, self.stage_map.family
         inputs = adapter.encode(loaded.processor, [self.dataset.image(0)], [prompt], loaded.device, loaded.dtype,
                                 family_name=family_name)
         check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)})

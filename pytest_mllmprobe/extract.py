@@ -22,7 +22,7 @@ import numpy as np
 
 from .answer import scores_by_continuation, scores_from_last_logits, single_token
 from .errors import ConfigError
-from .inputs import last_prompt_index, no_cache
+from .inputs import first_tensor, last_prompt_index, no_cache
 from .models.adapter import ModelAdapter
 from .models.families import Segments
 from .models.stages import StageMap
@@ -47,16 +47,9 @@ class ExtractionError(RuntimeError):
 
 
 def _first_tensor(output: Any) -> Any:
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    for key in ("last_hidden_state", "hidden_states"):
-        value = getattr(output, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
+    tensor = first_tensor(output)
+    if tensor is not None:
+        return tensor
     raise ExtractionError(f"cannot read a tensor from a module output of type {type(output).__name__}")
 
 

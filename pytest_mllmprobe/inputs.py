@@ -1,4 +1,5 @@
-"""Model inputs shared by extraction and answer scoring: the processor call, positions, flags.
+"""Model inputs shared by extraction and answer scoring: the processor call, positions, flags;
+and the main tensor of a module's output, which extraction and the data-flow check both read.
 
 Both :mod:`.extract` (the one forward per batch) and :mod:`.answer` (scoring and generation)
 feed the model the same way; this module is the one place that knows how.
@@ -75,3 +76,19 @@ def prepare_inputs(
                 value = value.to(dtype)
         moved[key] = value
     return moved
+
+
+def first_tensor(output: Any) -> Any:
+    """The main tensor of a module's output (a tensor, the first of a tuple, or a model output's
+    ``last_hidden_state`` / ``hidden_states``); ``None`` when it has none."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    for key in ("last_hidden_state", "hidden_states"):
+        value = getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -462,9 +463,7 @@ class ExtractionProgress:
             path = key.relative_to(self.config.rootpath).as_posix() if key.is_relative_to(self.config.rootpath) else None
             if path is not None and is_model_path(self.config, path):
                 return key, f"{path} "
-            from _pytest.pathlib import bestrelpath
-
-            return key, f"{bestrelpath(reporter.startpath, key)} "
+            return key, f"{os.path.relpath(key, reporter.startpath)} "
         return None
 
     def _resume(self, reporter: Any, label: str) -> None:

@@ -88,7 +88,8 @@ def test_a_vision_list_inside_the_language_model_is_refused() -> None:
 
     model, _ = tiny_llava("llava")
     with pytest.raises(ConfigError, match="one layer list lies inside the other"):
-        detect_stages(model, {"vision": "model.language_model.layers.0.mlp.down_proj", "llm": "model.language_model.layers"})
+        detect_stages(model, {"vision": "model.language_model.layers.0.mlp.down_proj",
+                              "llm": "model.language_model.layers"})
 
 
 # -- data flow ------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def test_a_connector_of_the_wrong_token_count_is_refused() -> None:
     import torch
 
     from pytest_mllmprobe.models import adapter_for, resolve_model
-    from pytest_mllmprobe.models.flow import _check_token_count
+    from pytest_mllmprobe.models.flow import _check_token_count, _reader
     from pytest_mllmprobe.prompts import build_prompt
 
     spec = resolve_model("demo")
@@ -123,11 +124,12 @@ def test_a_connector_of_the_wrong_token_count_is_refused() -> None:
     image = __import__("PIL.Image").Image.new("RGB", (32, 32))
     inputs = adapter.encode(processor, [image], [build_prompt(processor, ["a", "b"])], "cpu", torch.float32)
     n = int((inputs["input_ids"] == stage_map.image_token_id).sum())
-    _check_token_count(model, stage_map, inputs, torch.zeros(1, n, 48))  # the right count and width
+    read = _reader(stage_map, inputs)
+    _check_token_count(model, stage_map, inputs, torch.zeros(1, n, 48), read)  # the right count and width
     with pytest.raises(ConfigError, match=f"emits {n + 1} tokens of width 48, but the language model receives {n}"):
-        _check_token_count(model, stage_map, inputs, torch.zeros(1, n + 1, 48))
+        _check_token_count(model, stage_map, inputs, torch.zeros(1, n + 1, 48), read)
     with pytest.raises(ConfigError, match=f"emits {n} tokens of width 32, .* of width 48"):
-        _check_token_count(model, stage_map, inputs, torch.zeros(1, n, 32))
+        _check_token_count(model, stage_map, inputs, torch.zeros(1, n, 32), read)
 
 
 def test_the_planted_map_ends_pytest_with_exit_4(pytester: pytest.Pytester) -> None:

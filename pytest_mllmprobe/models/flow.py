@@ -22,26 +22,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ConfigError
+from ..inputs import first_tensor, no_cache
 from .families import family
 
 #: relative change below which an output counts as unchanged
 TOLERANCE = 1e-5
 #: modules tried as the connector when the chosen one fails
 MAX_CANDIDATES = 6
-
-
-def _first_tensor(output: Any) -> Any:
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    for key in ("last_hidden_state", "hidden_states", "image_embeds"):
-        value = getattr(output, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
 
 
 def _add_noise(output: Any, seed: int = 0) -> None:
@@ -52,7 +39,7 @@ def _add_noise(output: Any, seed: int = 0) -> None:
     """
     import torch
 
-    tensor = _first_tensor(output)
+    tensor = first_tensor(output)
     if tensor is None or not tensor.is_floating_point():
         return
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -73,7 +60,8 @@ def _input_tensors(args: Any, kwargs: dict[str, Any]) -> Any:
     """The floating-point tensors a module is called with, flattened into one vector."""
     import torch
 
-    found = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    found = [value for value in (*args, *kwargs.values())
+             if isinstance(value, torch.Tensor) and value.is_floating_point()]
     return torch.cat([value.detach().float().reshape(-1) for value in found]) if found else None
 
 
@@ -93,7 +81,7 @@ def _hooks(model: Any, capture: list[str], perturb: str | None, store: dict[str,
 
     def capturing(path: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
-            tensor = _first_tensor(output)
+            tensor = first_tensor(output)
             if tensor is not None and path not in store:
                 store[path] = tensor.detach().float().clone()
 
@@ -118,8 +106,6 @@ def _hooks(model: Any, capture: list[str], perturb: str | None, store: dict[str,
 def _run(model: Any, inputs: dict[str, Any], capture: list[str], perturb: str | None = None,
          inputs_of: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
-
-    from ..inputs import no_cache
 
     store: dict[str, Any] = {}
     with _hooks(model, capture, perturb, store, tuple(inputs_of)), torch.inference_mode():
@@ -158,7 +144,7 @@ def check_data_flow(model: Any, stage_map: Any, inputs: dict[str, Any]) -> None:
             f"stage map check: the language model does not read the connector {connector!r}: noise on its "
             f"output leaves the {where} of {entry} unchanged. " + _suggestion(model, stage_map, inputs, read)
         )
-    _check_token_count(model, stage_map, inputs, base[connector])
+    _check_token_count(model, stage_map, inputs, base[connector], read)
 
 
 def _reader(stage_map: Any, inputs: dict[str, Any]) -> Any:
@@ -179,7 +165,7 @@ def _reader(stage_map: Any, inputs: dict[str, Any]) -> Any:
     return last_row
 
 
-def _check_token_count(model: Any, stage_map: Any, inputs: dict[str, Any], output: Any) -> None:
+def _check_token_count(model: Any, stage_map: Any, inputs: dict[str, Any], output: Any, read: Any) -> None:
     if "image" not in stage_map.llm_readouts or stage_map.image_token_id is None or family(stage_map.family).repacks:
         return
     width = model.get_input_embeddings().weight.shape[-1] if hasattr(model, "get_input_embeddings") else None
@@ -190,7 +176,7 @@ def _check_token_count(model: Any, stage_map: Any, inputs: dict[str, Any], outpu
             f"stage map check: the connector {stage_map.connector!r} emits {tokens} tokens of width "
             f"{output.shape[-1]}, but the language model receives {image_tokens} image tokens of width {width}: "
             "it is not what the language model reads at the image positions. "
-            + _suggestion(model, stage_map, inputs, _reader(stage_map, inputs))
+            + _suggestion(model, stage_map, inputs, read)
         )
 
 

@@ -104,7 +104,7 @@ def tower_folder(raw: dict[str, Any], source: str) -> str:
     )
 
 
-def convert_config(source: str, raw: dict[str, Any] | None = None) -> Any:
+def convert_config(source: str, raw: dict[str, Any] | None = None, tokenizer: Any = None) -> Any:
     """The ``LlavaConfig`` of a LLaVA-original checkpoint."""
     from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
 
@@ -139,7 +139,8 @@ def convert_config(source: str, raw: dict[str, Any] | None = None) -> Any:
         text_config=text_config, vision_config=vision_config,
         vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
         vision_feature_select_strategy="default" if feature == "patch" else "full",
-        projector_hidden_act="gelu", image_token_index=_image_token_id(source, text_config),
+        projector_hidden_act="gelu",
+        image_token_index=int((tokenizer or tokenizer_with_image_token(source)).convert_tokens_to_ids(IMAGE_TOKEN)),
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )
@@ -148,19 +149,16 @@ def convert_config(source: str, raw: dict[str, Any] | None = None) -> Any:
 
 
 def tokenizer_with_image_token(source: str) -> Any:
+    """The checkpoint's tokenizer, with ``<image>`` added where it lacks one."""
     from transformers import AddedToken, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--mllm-model {source!r}: cannot load its tokenizer: {exc}") from exc
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     return tokenizer
-
-
-def _image_token_id(source: str, text_config: Any) -> int:
-    try:
-        return int(tokenizer_with_image_token(source).convert_tokens_to_ids(IMAGE_TOKEN))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"--mllm-model {source!r}: cannot load its tokenizer: {exc}") from exc
 
 
 def renamed(key: str) -> str | None:
@@ -201,7 +199,8 @@ def load(source: str, dtype: Any) -> tuple[Any, Any]:
     from transformers import LlavaForConditionalGeneration
 
     raw = raw_config(source)
-    config = convert_config(source, raw)
+    tokenizer = tokenizer_with_image_token(source)
+    config = convert_config(source, raw, tokenizer)
     weights = {}
     for key, value in read_weights(source).items():
         new = renamed(key)
@@ -239,7 +238,7 @@ def load(source: str, dtype: Any) -> tuple[Any, Any]:
             + (f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}" if unexpected else "")
         )
     model.to(dtype).eval()
-    return model, processor(source, raw, config)
+    return model, processor(source, raw, config, tokenizer)
 
 
 def _load_state(model: Any, weights: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -250,11 +249,10 @@ def _load_state(model: Any, weights: dict[str, Any]) -> tuple[list[str], list[st
     return [k for k in result.missing_keys if k not in buffers], list(result.unexpected_keys)
 
 
-def processor(source: str, raw: dict[str, Any], config: Any) -> Any:
+def processor(source: str, raw: dict[str, Any], config: Any, tokenizer: Any) -> Any:
     """A ``LlavaProcessor``: the checkpoint's tokenizer with ``<image>``, the tower's image processor."""
     from transformers import AutoImageProcessor, LlavaProcessor
 
-    tokenizer = tokenizer_with_image_token(source)
     root = Path(source)
     images_from = source if (root / "preprocessor_config.json").is_file() else tower_folder(raw, source)
     image_processor = AutoImageProcessor.from_pretrained(images_from)

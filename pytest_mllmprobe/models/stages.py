@@ -281,8 +281,11 @@ def _feature_layer(config: Any) -> Any:
     return None
 
 
-def _indices(feature_layer: Any) -> list[int]:
-    return [int(i) for i in (feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer])]
+def _hidden_states_read(feature_layer: Any, n_layers: int) -> list[tuple[int, int]]:
+    """``vision_feature_layer`` (an int or a list, negative from the end) as ``(index, position
+    in hidden_states)`` pairs: position 0 is the embeddings, ``i`` the output of block ``i - 1``."""
+    indices = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    return [(int(i), n_layers + 1 + int(i) if int(i) < 0 else int(i)) for i in indices]
 
 
 def _consumed_layers(feature_layer: Any, n_layers: int) -> tuple[int, ...]:
@@ -296,8 +299,7 @@ def _consumed_layers(feature_layer: Any, n_layers: int) -> tuple[int, ...]:
     if feature_layer is None:
         return (n_layers - 1,)
     layers = []
-    for index in _indices(feature_layer):
-        hidden_state = n_layers + 1 + index if index < 0 else index  # index into hidden_states
+    for index, hidden_state in _hidden_states_read(feature_layer, n_layers):
         if not 0 <= hidden_state <= n_layers:
             raise ConfigError(
                 f"vision_feature_layer {feature_layer!r}: index {index} is outside the vision encoder's "
@@ -318,7 +320,7 @@ def _consumed_layers(feature_layer: Any, n_layers: int) -> tuple[int, ...]:
 def _reads_embeddings(feature_layer: Any, n_layers: int) -> bool:
     if feature_layer is None:
         return False
-    return any((n_layers + 1 + i if i < 0 else i) == 0 for i in _indices(feature_layer))
+    return any(hidden_state == 0 for _, hidden_state in _hidden_states_read(feature_layer, n_layers))
 
 
 def _cross_attention_layers(config: Any, n_layers: int, path: str) -> list[int]:
