@@ -87,3 +87,13 @@ def test_the_language_model_is_never_the_vision_encoder_it_holds(hulu: Path) -> 
     assert stage_map.llm_layers[-1] == "model.layers.3"
     assert stage_map.vision_layers[-1] == "model.vision_encoder.encoder.layers.5"
     assert stage_map.connector == "model.mm_projector"
+
+
+def test_generated_answers_are_read_when_generate_returns_only_the_new_tokens(hulu: Path, lesion_data: Path) -> None:
+    """Hulu-Med's generate returns the new tokens without the prompt: cutting the prompt's length
+    off them (what echoing models need) would leave every answer empty."""
+    from pytest_mllmprobe import run
+
+    result = run(str(hulu), str(lesion_data), trust_remote_code=True, answer="generate", max_samples=12)
+    examples = result["hulu-med-tiny"].answers["generate"]["examples"]
+    assert examples and all(example["text"].strip() for example in examples), examples
