@@ -20,7 +20,9 @@ from .errors import ConfigError
 from .atomic import atomic_write_bytes, remove_stale
 from .results import Check, ModelResult, Verdict
 from .settings import METRICS
-from .stats import holm, mcnemar_regression, paired_difference_interval
+from .stats import (
+    POWER, clustered_regression, holm, mcnemar_regression, min_detectable_drop, paired_difference_interval,
+)
 
 FORMAT = "pytest-mllmprobe-baseline"
 #: 2: settings hold the answer mode and the folds; every entry is schema-checked on load
@@ -208,13 +210,16 @@ class Comparison:
         return self.reference - self.value
 
 
-def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, what: str) -> dict[str, Verdict]:
+def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, what: str,
+            groups: np.ndarray | None = None) -> dict[str, Verdict]:
     """Verdicts of ``result`` with a ``no_regression`` check added against ``reference``.
 
     A test regresses when its figure drops by more than ``regression.max_drop`` AND the paired
-    exact McNemar test on the test images is significant (``regression.alpha``, Holm-corrected
-    over all tests of the model). Stage tests compare the stage score (FHS or ``P_final``),
-    tested on the paired outcomes of the stage's last locus.
+    test on the test images is significant (``regression.alpha``, Holm-corrected over all tests
+    of the model): the exact McNemar test, or, when the data has patients (``groups``, one per
+    test image), a sign-flip test of per-patient differences (several images of one patient are
+    not independent evidence). Stage tests compare the stage score (FHS or ``P_final``), tested
+    on the paired outcomes of the stage's last locus.
     """
     metric = result.metric
     comparisons: dict[str, Comparison] = {}
@@ -231,9 +236,12 @@ def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, wha
         theirs = np.asarray(reference["loci"][locus]["correct"], dtype=bool)
         if ref is None or value is None or not np.isfinite(value):
             ref = ref if ref is not None else float("nan")
+        if groups is None:
+            p_value, ci = mcnemar_regression(theirs, ours), paired_difference_interval(theirs, ours)
+        else:
+            p_value, ci = clustered_regression(theirs, ours, groups)
         comparisons[name] = Comparison(
-            test=name, figure=figure, value=float(value), reference=float(ref),
-            p_value=mcnemar_regression(theirs, ours), ci=paired_difference_interval(theirs, ours),
+            test=name, figure=figure, value=float(value), reference=float(ref), p_value=p_value, ci=ci,
         )
     adjusted = holm({k: c.p_value for k, c in comparisons.items()})
     max_drop = thresholds.regression.get("max_drop")
@@ -251,7 +259,8 @@ def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, wha
             explanation=(
                 f"vs {what}: {c.figure} {c.value:.3f} vs {c.reference:.3f} (delta {-c.drop:+.3f}, "
                 f"95% CI of the paired accuracy difference [{c.ci[0]:+.3f}, {c.ci[1]:+.3f}], "
-                f"McNemar p = {c.p_value:.3g}, Holm p = {p:.3g}); regresses when the drop > "
+                f"{'McNemar' if groups is None else 'patient-level sign-flip'} p = {c.p_value:.3g}, "
+                f"Holm p = {p:.3g}); regresses when the drop > "
                 f"{max_drop if max_drop is not None else 0:g} and Holm p < {alpha if alpha is not None else 'any'}"
             ),
             source=f"{sources.get('max_drop', '')}; {sources.get('alpha', '')}",
@@ -259,6 +268,40 @@ def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, wha
         )
         verdicts[name] = Verdict(verdict.test, verdict.stage, verdict.locus, verdict.checks + (check,))
     return verdicts
+
+
+def power(result: ModelResult, reference: dict[str, Any], thresholds: Any,
+          groups: np.ndarray | None = None) -> dict[str, Any]:
+    """What the comparison can see: per test, the minimum detectable drop (one-sided, at
+    ``regression.alpha`` before the Holm correction, power 0.8; :func:`~pytest_mllmprobe.stats.
+    min_detectable_drop`) at the reference's accuracy on the test's locus, with patients as the
+    units when the data has them; and whether ``regression.max_drop`` lies below it."""
+    alpha = thresholds.regression.get("alpha") or 0.05
+    max_drop = thresholds.regression.get("max_drop") or 0.0
+    n_units = len(set(np.asarray(groups).tolist())) if groups is not None else result.n_test
+    drops = {}
+    for name, verdict in result.verdicts.items():
+        theirs = np.asarray(reference["loci"][verdict.locus]["correct"], dtype=float)
+        drops[name] = min_detectable_drop(float(theirs.mean()) if len(theirs) else 0.5, n_units, alpha)
+    stage_drops = {k: v for k, v in drops.items() if k.startswith("stage.")}
+    smallest = min(stage_drops.values()) if stage_drops else min(drops.values(), default=float("inf"))
+    return {
+        "unit": "patient" if groups is not None else "image", "n_units": int(n_units), "alpha": alpha,
+        "power": POWER, "max_drop": max_drop, "min_detectable_drop": {k: round(v, 4) for k, v in drops.items()},
+        "smallest_detectable_drop": round(smallest, 4), "underpowered": bool(max_drop < smallest),
+    }
+
+
+def power_warning(label: str, info: dict[str, Any]) -> str | None:
+    """The summary line of an underpowered gate, or ``None``."""
+    if not info.get("underpowered"):
+        return None
+    units = f"{info['n_units']} test {'patients' if info['unit'] == 'patient' else 'images'}"
+    return (
+        f"{label}: with {units} this gate can only detect drops >= {info['smallest_detectable_drop']:.2f} "
+        f"(alpha {info['alpha']:g}, power {info['power']:g}); regression.max_drop {info['max_drop']:g} is below "
+        "that, so a smaller drop passes unseen: add test images (--mllm-power DROP says how many)"
+    )
 
 
 def regressed_stages(verdicts: dict[str, Verdict]) -> list[str]:

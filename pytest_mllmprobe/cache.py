@@ -132,9 +132,14 @@ def extraction_settings(the_plan: Any, model_plan: Any) -> dict[str, Any]:
     }
 
 
-def extraction_key(the_plan: Any, model_plan: Any) -> tuple[str, dict[str, Any]]:
-    """``(key, meta)`` of one model's features in a planned run; no weights are read."""
+def extraction_key(the_plan: Any, model_plan: Any, variant: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``(key, meta)`` of one model's features in a planned run; no weights are read.
+
+    ``variant`` names features of a modified model (e.g. ``random-init seed=0``, the random
+    initialisation twin), kept beside the model's own."""
     extraction = extraction_settings(the_plan, model_plan)
+    if variant is not None:
+        extraction["variant"] = variant
     adapter = model_plan.adapter  # which adapter read the weights, and the folder it read them from
     extraction["adapter"] = f"{type(adapter).__module__}.{type(adapter).__qualname__}"
     fingerprint = model_fingerprint(adapter.source or model_plan.spec.source)

@@ -121,13 +121,32 @@ def _model_plan(settings: Settings, spec: ModelSpec, adapter: ModelAdapter, thre
 
 
 def _split(settings: Settings, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
-    """``(train, test, folds)``: one split, or k folds whose test parts cover every image."""
-    if settings.folds:
-        folds = tuple(fold_indices(dataset, settings.folds, settings.seed))
-        test = np.sort(np.concatenate([te for _, te in folds]))
-        return np.array([], dtype=np.int64), test, folds
+    """``(train, test, folds)``: k folds whose test parts cover every image, or one split.
+
+    By default (``folds`` unset) the data's own split is used when it has one; otherwise every
+    image is tested once, in one of ``DEFAULT_FOLDS`` folds (fewer when a class, or its patients,
+    is too small for that many; one split when even two folds are impossible). ``folds=1`` asks
+    for one seeded split of ``test_size``.
+    """
+    from .settings import DEFAULT_FOLDS
+
+    k = settings.folds
+    if k is None and dataset.predefined_split is None:
+        for tried in range(DEFAULT_FOLDS, 1, -1):
+            try:
+                return _folded(dataset, tried, settings.seed)
+            except ConfigError:
+                continue
+    elif k is not None and k > 1:
+        return _folded(dataset, k, settings.seed)
     train, test = split_indices(dataset, settings.test_size, settings.seed)
     return train, test, ((train, test),)
+
+
+def _folded(dataset: Dataset, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
+    folds = tuple(fold_indices(dataset, k, seed))
+    test = np.sort(np.concatenate([te for _, te in folds]))
+    return np.array([], dtype=np.int64), test, folds
 
 
 def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
@@ -155,6 +174,8 @@ def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = 
     features = run.features()  # load + extract + answer, or the feature cache
     probed = run.probe(features)
     loci = run.score(features, probed)
+    if "random-init" in the_plan.settings.controls:
+        run.random_init(loci)
     return run.judge(loci)
 
 
@@ -178,6 +199,11 @@ class ModelRun:
         #: the ``answers`` record of the result (set by :meth:`score`)
         self.answers: dict[str, Any] | None = None
         self.timings: dict[str, float] = {}
+        #: bootstrap intervals of the stage figures, and how the uncertainty was measured
+        self.stage_intervals: dict[str, tuple[float, float]] = {}
+        self.uncertainty: dict[str, Any] = {}
+        #: the random-initialisation twin's stage scores and cost (``--mllm-controls random-init``)
+        self.twin: dict[str, Any] | None = None
 
     # -- load, extract, answer ------------------------------------------------------------
     def features(self) -> Features:
@@ -216,6 +242,59 @@ class ModelRun:
         self.stage_map = detect_stages(loaded.model, *self.model_plan.stage_overrides(self.settings))
         self.timings["load_s"] = time.perf_counter() - start
         return loaded
+
+    def random_init(self, loci: dict[str, LocusResult]) -> None:
+        """The random-initialisation floor (``--mllm-controls random-init``): the same architecture
+        with re-initialised weights (transformers' own ``_init_weights``, seeded with the probe
+        seed), extracted and probed on the same folds; cached like any model's features."""
+        from . import scoring
+        from .cache import cached_features, extraction_key
+        from .probes import cross_fit
+
+        start = time.perf_counter()
+        variant = f"random-init seed={self.settings.probe_seed}"
+        compute = self.compute_random_init
+        if self.settings.cache_dir is not None:
+            key, meta = extraction_key(self.plan, self.model_plan, variant)
+            twin, hit = cached_features(self.settings.cache_dir, key, compute, meta)
+        else:
+            twin, hit = compute(), False
+        probed = cross_fit(twin.loci, self.dataset.labels, self.plan.folds, self.plan.test,
+                           kind=self.settings.probe, seed=self.settings.probe_seed,
+                           device=str(pick_device(self.settings.device)))
+        y_test = self.dataset.labels[self.plan.test]
+        twin_loci = dict(loci)
+        for name, out in probed.items():
+            twin_score = scoring.score(y_test, out.probabilities)
+            values = {m: twin_score.metric(m) for m in loci[name].chance}
+            loci[name].random_init = {**values, "above": {m: loci[name].metric(m) - v for m, v in values.items()}}
+            twin_loci[name] = scoring.locus_result(name, twin.loci[name].shape[1], twin_score, loci[name].chance)
+        from .verdicts import stage_scores
+
+        stage_map, metric = self.stage_map, self.model_plan.thresholds.metric
+        # the twin's own answer is not a floor of anything: its stage scores stop at FHS_L
+        twin_scores = stage_scores(twin_loci, stage_map.consumed_vision_layers, metric, stage_map.llm_entry)
+        self.twin = {
+            "scores": {k: v for k, v in twin_scores.items() if k != "P_final"},
+            "seed": self.settings.probe_seed, "cached": bool(hit), "cost_s": time.perf_counter() - start,
+        }
+        self.timings["random_init_s"] = self.twin["cost_s"]
+
+    def compute_random_init(self) -> Features:
+        """Load the model, replace it by its class built from its config (fresh, seeded weights),
+        and extract every locus."""
+        import torch
+
+        loaded = self.load()
+        torch.manual_seed(self.settings.probe_seed)
+        model = loaded.model
+        with quiet_transformers():
+            twin = type(model)(model.config)
+        twin = twin.to(device=loaded.device, dtype=loaded.dtype).eval()
+        loaded = replace(loaded, model=twin)
+        del model
+        prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
+        return self.extract(loaded, prompt)
 
     def check_flow(self, loaded: LoadedModel, prompt: str) -> None:
         """The stage map proven on one image: vision feeds the connector, the connector the LLM."""
@@ -275,6 +354,7 @@ class ModelRun:
             features.loci, self.dataset.labels, self.plan.folds, self.plan.test,
             kind=self.settings.probe, seed=self.settings.probe_seed,
             device=str(pick_device(self.settings.device)), timings=self.timings,
+            permutations=self.settings.permutations,
         )
         self.timings["probe_s"] = time.perf_counter() - start
         return probed
@@ -295,17 +375,63 @@ class ModelRun:
         position = {int(i): n for n, i in enumerate(test)}
         folds = [np.array([position[int(i)] for i in fold_test]) for _, fold_test in self.plan.folds]
         loci: dict[str, LocusResult] = {}
+        sets = {}
         for name in self.stage_map.loci:
             if name == "answer":
                 loci[name] = scoring.locus_result(name, k, answer.chosen, chance, finite=answer.finite)
+                sets[name] = answer.chosen
                 continue
             out = probed[name]
             probe_score = scoring.score(y_test, out.probabilities)
+            sets[name] = probe_score
             loci[name] = scoring.locus_result(
                 name, features.loci[name].shape[1], probe_score, chance, finite=out.finite,
                 fold_accuracy=scoring.fold_accuracies(probe_score.correct, folds),
             )
+            if out.controls is not None:
+                loci[name].control = control(y_test, loci[name], out.controls, k)
+        self.intervals(loci, sets, y_test)
         return loci
+
+    def intervals(self, loci: dict[str, LocusResult], sets: dict[str, Any], y_test: np.ndarray) -> None:
+        """95% bootstrap intervals of every locus metric, stage score and transition ratio
+        (patients resampled when the data has groups); none with ``bootstrap=0``."""
+        from .uncertainty import ScoreSet, bootstrap_intervals
+        from .verdicts import fed_locus, stage_figures
+
+        n_resamples = self.settings.bootstrap
+        groups = self.dataset.groups
+        units = None if groups is None else np.asarray(groups, dtype=object)[self.plan.test]
+        self.uncertainty = {
+            "bootstrap_resamples": n_resamples, "unit": "patient" if units is not None else "image",
+            "n_units": int(len(set(units.tolist())) if units is not None else len(y_test)),
+            "confidence": 0.95, "method": "percentile bootstrap (scipy.stats.bootstrap)",
+            "permutations": self.settings.permutations,
+        }
+        self.stage_intervals = {}
+        if n_resamples < 1:
+            return
+        start = time.perf_counter()
+        metric = self.model_plan.thresholds.metric
+        stage_map = self.stage_map
+        fed = fed_locus(loci, stage_map.consumed_vision_layers, metric)
+
+        def derived(per_set: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+            return stage_figures(lambda n: per_set[n][metric], per_set, stage_map.consumed_vision_layers,
+                                 stage_map.llm_entry, fed)
+
+        found = bootstrap_intervals(
+            y_test, {n: ScoreSet(v.probabilities, v.predicted) for n, v in sets.items()},
+            len(self.dataset.class_names), units=units, n_resamples=n_resamples,
+            seed=self.settings.probe_seed, derived=derived,
+        )
+        for key, interval in found.items():
+            name, _, metric_name = key.partition("/")
+            if name in loci and metric_name in loci[name].chance:
+                loci[name].intervals[metric_name] = interval
+            else:
+                self.stage_intervals[key] = interval
+        self.timings["bootstrap_s"] = time.perf_counter() - start
 
     def judge(self, loci: dict[str, LocusResult]) -> ModelResult:
         """Stage scores and every rule's verdict: the model's result."""
@@ -313,14 +439,25 @@ class ModelRun:
 
         stage_map, thresholds = self.stage_map, self.model_plan.thresholds
         stage_values = stage_scores(loci, stage_map.consumed_vision_layers, thresholds.metric, stage_map.llm_entry)
-        verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, thresholds, stage_map.llm_entry)
+        intervals = self.stage_intervals
+        verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, thresholds, stage_map.llm_entry,
+                         intervals)
         return ModelResult(
             label=self.model_plan.spec.label, source=self.model_plan.spec.source, stage_map=stage_map.to_dict(),
             class_names=tuple(self.dataset.class_names), metric=thresholds.metric,
             n_train=int(len(self.plan.folds[0][0])), n_test=int(len(self.plan.test)),
             loci=loci, scores=stage_values, verdicts=verdicts, thresholds=thresholds.to_dict(),
-            timings=self.timings, answers=self.answers,
+            timings=self.timings, answers=self.answers, intervals=dict(intervals),
+            uncertainty=dict(self.uncertainty), random_init=self.twin,
         )
+
+
+def control(y_test: np.ndarray, locus: LocusResult, controls: np.ndarray, k: int) -> dict[str, Any]:
+    """A locus's control task from its probes on permuted labels (``controls [P, n_test, K]``)."""
+    from .uncertainty import ScoreSet, control_summary
+
+    observed = {m: locus.metric(m) for m in locus.chance}
+    return control_summary(y_test, observed, [ScoreSet(p, p.argmax(axis=1)) for p in controls], k)
 
 
 @contextlib.contextmanager
@@ -416,7 +553,7 @@ class Evaluator:
     def _compared(self, label: str) -> ModelResult:
         from dataclasses import replace
 
-        from .baseline import compare, regressed_stages
+        from .baseline import compare, power, regressed_stages
 
         result = self.raw(label)
         settings = self.plan.settings
@@ -428,10 +565,14 @@ class Evaluator:
             kind, name = "baseline", str(settings.baseline)
         else:
             return result
-        verdicts = compare(result, reference, self.model_plan(label).thresholds, what)
+        groups = self.plan.dataset.groups
+        test_groups = None if groups is None else np.asarray(groups, dtype=object)[self.plan.test]
+        thresholds = self.model_plan(label).thresholds
+        verdicts = compare(result, reference, thresholds, what, test_groups)
         comparison = {
             "against": what, "kind": kind, "reference": name,
             "regressed_stages": regressed_stages(verdicts),
+            "power": power(result, reference, thresholds, test_groups),
         }
         return replace(result, verdicts=verdicts, comparison=comparison)
 
@@ -455,6 +596,45 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
     evaluator = Evaluator(the_plan)
     results = {m.spec.label: evaluator.result(m.spec.label) for m in the_plan.models}
     return Results(models=results, settings=settings.to_dict(), data=data_summary(the_plan))
+
+
+def power_report(settings: Settings, drop: float) -> list[str]:
+    """``--mllm-power DROP``: for the data at hand (its split or folds, its patients), the
+    smallest drop a comparison can detect and the test units ``drop`` needs, at a few accuracies
+    of the reference; reads the data and the thresholds, never a model."""
+    from .stats import POWER, min_detectable_drop, units_needed
+    from .thresholds import load_thresholds
+
+    if not 0.0 < drop < 1.0:
+        raise ConfigError(f"--mllm-power {drop}: give the drop to detect as a fraction in (0, 1), e.g. 0.02")
+    specs = [resolve_model(name) for name in settings.models] or [resolve_model("demo")]
+    dataset = _dataset(settings, specs)
+    _, test, folds = _split(settings, dataset)
+    regression = load_thresholds(list(settings.thresholds), metric=settings.metric).for_model(
+        specs[0].label, specs[0].source).regression
+    alpha = regression.get("alpha") or 0.05
+    max_drop = regression.get("max_drop")
+    if dataset.groups is not None:
+        n_units, unit = len(set(np.asarray(dataset.groups, dtype=object)[test].tolist())), "patients"
+    else:
+        n_units, unit = len(test), "images"
+    how = f"{len(folds)} folds" if len(folds) > 1 else "one split"
+    lines = [
+        f"mllmprobe power: {dataset.root}: {len(test)} test images, {n_units} independent test {unit} ({how}); "
+        f"one-sided alpha {alpha:g} (regression.alpha), power {POWER:g}",
+        "  formula: drop = (z(1-alpha) + z(power)) * sqrt(2 p (1 - p) / n); docs/method.md",
+    ]
+    for p in (0.95, 0.9, 0.8, 0.7, 0.5):
+        needed = units_needed(p, drop, alpha)
+        verdict = "enough" if needed <= n_units else f"{needed - n_units} more"
+        lines.append(
+            f"  reference accuracy {p:.2f}: a drop of {drop:g} needs {needed} test {unit} ({verdict}); "
+            f"with {n_units} the smallest detectable drop is {min_detectable_drop(p, n_units, alpha):.3f}"
+        )
+    if max_drop is not None and max_drop < min_detectable_drop(0.95, n_units, alpha):
+        lines.append(f"  regression.max_drop {max_drop:g} lies below what these {n_units} {unit} can detect at any "
+                     "of these accuracies: the gate would pass such drops unseen")
+    return lines
 
 
 def data_summary(the_plan: Plan) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 LAMBDA = 0.2
 
 STAGE_ORDER = ("vision", "connector", "llm", "answer")
@@ -65,3 +67,21 @@ def _check_curve(curve: Sequence[float]) -> None:
         raise ValueError("a stage curve needs at least one probe value")
     if any(math.isnan(v) or v < 0 for v in curve):
         raise ValueError(f"probe values must be non-negative numbers, got {list(curve)}")
+
+
+def feature_health_scores(curves: np.ndarray, lam: float = LAMBDA) -> np.ndarray:
+    """:func:`feature_health_score` of many curves at once: ``curves [B, T]`` -> ``[B]``.
+
+    The same formula, vectorised over bootstrap resamples (tested equal to the scalar one); NaN
+    where a curve holds NaN.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    end = curves[:, -1]
+    start, low = curves[:, 0], curves.min(axis=1)
+    clamp = np.maximum
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        growth = np.log(clamp(end, FLOOR) / np.sqrt(clamp(start, FLOOR) * clamp(low, FLOOR)))
+        variation = np.abs(np.diff(curves, axis=1)).sum(axis=1)
+        penalty = np.where(variation == 0, 1.0, np.exp(-lam * variation / np.where(end > 0, end, 1.0)))
+        score = end * (1.0 + growth) * penalty
+    return np.where(end > 0, score, np.where(np.isnan(end), np.nan, 0.0))

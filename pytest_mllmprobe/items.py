@@ -165,6 +165,8 @@ def figures(result: Any, verdict: Any) -> dict[str, Any]:
         "test": verdict.test,
         "metric": check.metric if check else result.metric,
         "value": _round(check.value) if check else None,
+        "value_low": _round(check.interval[0]) if check and check.interval else None,
+        "value_high": _round(check.interval[1]) if check and check.interval else None,
         "threshold": _round(check.threshold) if check else None,
         "delta": _round(check.delta) if check else None,
         "rule": check.rule if check else None,
@@ -172,6 +174,20 @@ def figures(result: Any, verdict: Any) -> dict[str, Any]:
         "failure_mode": verdict.failure_mode,
         **comparison_figures(verdict),
         **answer_figures(result, verdict),
+        **control_figures(result, verdict),
+    }
+
+
+def control_figures(result: Any, verdict: Any) -> dict[str, Any]:
+    """The control task of a locus test: control metric, selectivity, permutation p-value."""
+    locus = result.loci.get(verdict.test)
+    control = ((locus.control or {}).get(result.metric) if locus is not None else None)
+    if not control:
+        return {}
+    return {
+        "control": _round(control["control"]),
+        "selectivity": _round(control["selectivity"]),
+        "permutation_p": _round(control["p_value"]),
     }
 
 
@@ -217,7 +233,44 @@ def model_summary(result: Any) -> dict[str, Any]:
         "answers": answers_line(result),
         "cached": bool(result.timings.get("cache")),
         "memory": memory_line(result.timings),
+        "uncertainty": uncertainty_line(result),
+        "power": power_line(result),
+        "random_init": random_init_line(result),
     }
+
+
+def uncertainty_line(result: Any) -> str | None:
+    """How the intervals and controls were measured, and what they cost."""
+    info = result.uncertainty or {}
+    said = []
+    if info.get("bootstrap_resamples"):
+        said.append(f"[95% intervals: bootstrap over {info['n_units']} test {info['unit']}s, "
+                    f"{info['bootstrap_resamples']} resamples, {result.timings.get('bootstrap_s', 0.0):.2f} s]")
+    if info.get("permutations"):
+        said.append(f"[controls: {info['permutations']} permuted-label probes per locus, fitted with the probes "
+                    f"({result.timings.get('probe_s', 0.0):.1f} s in all)]")
+    return " ".join(said) or None
+
+
+def power_line(result: Any) -> str | None:
+    """The warning of a gate that cannot see its own ``max_drop``, when comparing."""
+    from .baseline import power_warning
+
+    info = (result.comparison or {}).get("power")
+    return power_warning(result.label, info) if info else None
+
+
+def random_init_line(result: Any) -> str | None:
+    """The random-initialisation twin's profile and what it cost (``--mllm-controls random-init``)."""
+    twin = result.random_init
+    if not twin:
+        return None
+    scores = twin.get("scores", {})
+    profile = " -> ".join(f"{k} {_cell(scores[k]) if scores.get(k) is not None else 'n/a'}"
+                          for k in ("FHS_V", "FHS_C", "FHS_L"))
+    cost = twin.get("cost_s")
+    return (f"random-init twin: {profile} (same architecture, re-initialised weights; "
+            f"cost {cost:.1f} s{', from the cache' if twin.get('cached') else ''})")
 
 
 def memory_line(timings: dict[str, float]) -> str | None:
@@ -253,7 +306,10 @@ def failure_table(result: Any, verdict: Any) -> str:
     header += ["baseline", "delta", "p"] if compared else ["delta"]
     rows = [header]
     for check in verdict.checks:
-        row = [result.label, verdict.stage, verdict.locus, check.metric, _cell(check.value), _cell(check.threshold)]
+        value = _cell(check.value)
+        if check.interval is not None and all(math.isfinite(v) for v in check.interval):
+            value += f" [{check.interval[0]:.3f}, {check.interval[1]:.3f}]"
+        row = [result.label, verdict.stage, verdict.locus, check.metric, value, _cell(check.threshold)]
         if compared:
             row.append("-" if check.reference is None else _cell(check.reference))
         row.append(_cell(check.delta, signed=True))

@@ -135,12 +135,13 @@ def _value(config: pytest.Config, opt: Option) -> Any:
     return value
 
 
-def settings_from_config(config: pytest.Config) -> Any:
-    """Build :class:`~pytest_mllmprobe.settings.Settings`, or ``None`` when no model is given."""
+def settings_from_config(config: pytest.Config, require_model: bool = True) -> Any:
+    """Build :class:`~pytest_mllmprobe.settings.Settings`, or ``None`` when no model is given
+    (``require_model=False``: the settings without a model, for ``--mllm-power``)."""
     from .settings import Settings, parse_stage_overrides
 
     values = {opt.dest: _value(config, opt) for opt in OPTIONS}
-    if not values["mllm_model"]:
+    if not values["mllm_model"] and require_model:
         return None
     return Settings(
         models=tuple(values["mllm_model"]),
@@ -163,6 +164,9 @@ def settings_from_config(config: pytest.Config) -> Any:
         update_baseline=bool(values["mllm_update_baseline"]),
         compare_to=values["mllm_compare_to"],
         folds=values["mllm_folds"],
+        bootstrap=values["mllm_bootstrap"],
+        permutations=values["mllm_permutations"],
+        controls=tuple(values["mllm_controls"]),
         answer=values["mllm_answer"],
         skip_bad_images=bool(values["mllm_skip_bad_images"]),
         cache_dir=_cache_dir(config, values),
@@ -189,6 +193,24 @@ def _cache_dir(config: pytest.Config, values: dict[str, Any]) -> str | None:
             "set --mllm-cache-dir to a writable folder to keep features between runs"
         ), stacklevel=1)
         return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--mllm-power DROP``: the test size a drop needs, for the data at hand; no model is loaded."""
+    drop = config.getoption("mllm_power", None)
+    if drop is None:
+        return None
+    from .engine import power_report
+
+    try:
+        settings = settings_from_config(config, require_model=False)
+        lines = power_report(settings, float(drop))
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    for line in lines:
+        print(line)
+    return 0
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -624,6 +646,12 @@ class ProbeReporter:
                 f"connector reads {summary['consumed']}{cached})"
             )
             tr.write_line(f"  profile: {summary['profile']}")
+            if summary.get("uncertainty"):
+                tr.write_line(f"  {summary['uncertainty']}")
+            if summary.get("random_init"):
+                tr.write_line(f"  {summary['random_init']}")
+            if summary.get("power"):
+                tr.write_line(f"  {summary['power']}", yellow=True)
             if summary.get("answers"):
                 tr.write_line(f"  {summary['answers']}")
             if summary.get("memory"):

@@ -123,40 +123,81 @@ def fit_linear(
     one class). The objectives of the loci are independent, so L-BFGS on their sum (full batch,
     strong-Wolfe line search, float32) reaches every locus's own minimiser. The loss is scaled
     by ``1 / N`` (same minimiser as scikit-learn's ``sum CE + ||W||^2 / 2C``) for float32 range.
+
+    ``y`` may also be ``[S, N]``: ``S`` label sets (the real labels and permuted ones, for the
+    control task), each fitted on every locus in the same batch without copying ``X``; the
+    result is then ``coef [S, L, D, M]`` and ``intercept [S, L, M]``.
+    """
+    y = np.asarray(y)
+    sets = y[None] if y.ndim == 1 else y
+    [(coef, intercept)] = fit_linear_folds([X], [sets], n_classes, C=C, max_iter=max_iter, tol=tol, device=device)
+    return (coef[0], intercept[0]) if y.ndim == 1 else (coef, intercept)
+
+
+def fit_linear_folds(
+    xs: list[np.ndarray], label_sets: list[np.ndarray], n_classes: int, *, C: float = 1.0,
+    max_iter: int = 500, tol: float = 1e-5, device: str = "cpu",
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`fit_linear` for every fold of a cross-validation in one batch.
+
+    ``xs[g]`` is fold ``g``'s training features ``[L, n_g, D]`` and ``label_sets[g]`` its ``[S, n_g]``
+    label sets; returns per fold ``coef [S, L, D, M]`` and ``intercept [S, L, M]``. The folds'
+    sample counts may differ: shorter ones are padded with rows that carry no weight, and each
+    fold's loss keeps its own ``1 / n_g`` scale, so every (fold, set, locus) problem reaches its
+    own minimiser. One batch instead of one per fold: small problems are bound by L-BFGS's
+    per-step overhead, not by arithmetic.
     """
     import torch
 
-    n_loci, n, d = X.shape
+    folds = len(xs)
+    n_loci, _, d = xs[0].shape
+    n_sets = len(label_sets[0])
+    sizes = [x.shape[1] for x in xs]
     m = 0 if n_classes < 2 else (1 if n_classes == 2 else n_classes)
-    if m == 0 or n == 0:
-        return np.zeros((n_loci, d, m), np.float32), np.zeros((n_loci, m), np.float32)
-    xs = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=device)
-    ys = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
-    # Class-major weights: logits [L, M, N] = W [L, M, D] @ X^T. With M a handful of classes,
-    # ``bmm`` is ~2.7x faster this way round than X @ W (a [D, M] right factor is too skinny for
-    # the CPU kernels); X^T is a view, not a copy.
-    w = torch.zeros(n_loci, m, d, device=device, requires_grad=True)
-    b = torch.zeros(n_loci, m, 1, device=device, requires_grad=True)
-    alpha = 1.0 / (2.0 * C * n)
+    if m == 0 or min(sizes) == 0:
+        return [(np.zeros((n_sets, n_loci, d, m), np.float32), np.zeros((n_sets, n_loci, m), np.float32))
+                for _ in xs]
+    n = max(sizes)
+    stacked = np.zeros((folds, n_loci, n, d), np.float32)
+    targets = np.zeros((folds, n_sets, n), np.int64)
+    mask = np.zeros((folds, n), np.float32)
+    for g, (x, labels) in enumerate(zip(xs, label_sets)):
+        stacked[g, :, :sizes[g]] = x
+        targets[g, :, :sizes[g]] = labels
+        mask[g, :sizes[g]] = 1.0
+    x_t = torch.as_tensor(stacked, device=device).transpose(2, 3)                # [G, L, D, N]
+    target = torch.as_tensor(targets, device=device)[:, None, :, :].expand(folds, n_loci, n_sets, n)
+    weight = torch.as_tensor(mask / np.asarray(sizes, np.float32)[:, None], device=device)[:, None, None, :]
+    alpha = torch.as_tensor(1.0 / (2.0 * C * np.asarray(sizes, np.float32)), device=device)
+    alpha = alpha.reshape(folds, 1, 1, 1, 1)
+    # Class-major weights, the label sets stacked as rows: logits [G, L, S*M, N] = W [G, L, S*M, D]
+    # @ X^T, one matrix product per (fold, locus) for every label set. With M a handful of
+    # classes, this is much faster than X @ W (a [D, M] right factor is too skinny for the CPU
+    # kernels); X^T is a view, not a copy.
+    w = torch.zeros(folds, n_loci, n_sets, m, d, device=device, requires_grad=True)
+    b = torch.zeros(folds, n_loci, n_sets, m, 1, device=device, requires_grad=True)
     optimiser = torch.optim.LBFGS(
         [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
         tolerance_change=1e-10, line_search_fn="strong_wolfe",
     )
-    target = ys.expand(n_loci, -1)
+    problems = folds * n_loci * n_sets
 
     def closure() -> Any:
         optimiser.zero_grad()
-        logits = torch.baddbmm(b, w, xs.transpose(1, 2))
+        logits = torch.matmul(w.reshape(folds, n_loci, n_sets * m, d), x_t).reshape(folds, n_loci, n_sets, m, n) + b
+        logits = logits.reshape(problems, m, n)
         if m == 1:  # binomial: the reference class's logit is zero
             logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-        loss = loss / n + alpha * (w * w).sum()
+        ce = torch.nn.functional.cross_entropy(logits, target.reshape(problems, n), reduction="none")
+        loss = (ce.reshape(folds, n_loci, n_sets, n) * weight).sum() + (alpha * w * w).sum()
         loss.backward()
         return loss
 
-    with torch.enable_grad(), _cpu_threads(device, n_loci * n * d * m):
+    with torch.enable_grad(), _cpu_threads(device, problems * n * d * m):
         optimiser.step(closure)
-    return w.detach().transpose(1, 2).cpu().numpy(), b.detach().cpu().numpy()[:, :, 0]
+    coef = w.detach().transpose(1, 2).transpose(3, 4).cpu().numpy()             # [G, S, L, D, M]
+    intercept = b.detach().transpose(1, 2).cpu().numpy()[..., 0]                # [G, S, L, M]
+    return [(coef[g], intercept[g]) for g in range(folds)]
 
 
 def _linear_proba(coef: np.ndarray, intercept: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -324,10 +365,26 @@ def fit_predict(
     scikit-learn's ``LogisticRegression(C=1)`` per locus on the CPU (the reference the
     ``linear`` probe is tested against). Columns are all ``K = labels.max() + 1`` classes.
     """
+    y_train = np.asarray(labels)[train]
+    fitted = fit_predict_sets(features, labels, y_train[None], train, test, kind=kind, seed=seed, device=device)
+    return {name: proba[0] for name, proba in fitted.items()}
+
+
+def fit_predict_sets(
+    features: dict[str, np.ndarray], labels: np.ndarray, label_sets: np.ndarray, train: np.ndarray,
+    test: np.ndarray, *, kind: str = "linear", seed: int = 0, device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """:func:`fit_predict` for ``S`` sets of training labels at once (``label_sets [S, n_train]``,
+    e.g. the real ones and permutations of them): ``[S, n_test, K]`` per locus.
+
+    Linear probes fit every set and every locus of one width in one batch; MLP and sklearn
+    probes fit one set after the other. Every set must hold the classes of ``labels[train]``.
+    """
     if kind not in PROBES:
         raise ValueError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
-    y_train = labels[train]
+    label_sets = np.asarray(label_sets)
     k = int(labels.max()) + 1
+    n_sets = len(label_sets)
     results: dict[str, np.ndarray] = {}
     if kind == "sklearn":
         from sklearn.linear_model import LogisticRegression
@@ -335,26 +392,31 @@ def fit_predict(
         for name, X in features.items():
             X = _check_X(X, None, "sklearn probe")
             scaler = _Standardiser().fit(X[train])
-            model = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(X[train]), y_train)
-            results[name] = _full_columns(model.predict_proba(scaler.transform(X[test])), model.classes_, k)
+            out = np.zeros((n_sets, len(test), k))
+            for s, y_set in enumerate(label_sets):
+                model = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(X[train]), y_set)
+                out[s] = _full_columns(model.predict_proba(scaler.transform(X[test])), model.classes_, k)
+            results[name] = out
         return results
     by_width: dict[int, list[str]] = {}
     for name, X in features.items():
         X = _check_X(X, None, f"{kind} probe of {name}")
         by_width.setdefault(X.shape[1], []).append(name)
-    classes = np.unique(y_train)
-    codes = np.searchsorted(classes, y_train)
+    classes = np.unique(label_sets[0])
+    codes = np.searchsorted(classes, label_sets)
     cfg = MLPProbe(seed=seed)
     for names in by_width.values():
         x_train, x_test = _standardised_stack(features, names, train, test)
         if kind == "linear":
             coef, intercept = fit_linear(x_train, codes, len(classes), device=device)
-            probabilities = _linear_proba(coef, intercept, x_test)
+            probabilities = np.stack([_linear_proba(coef[s], intercept[s], x_test) for s in range(n_sets)], axis=1)
         else:
-            params = _train_mlps(x_train, codes, len(classes), cfg, device=device)
-            probabilities = softmax_rows(_mlp_logits(params, x_test))
-        for name, proba in zip(names, probabilities):
-            results[name] = _full_columns(proba, classes, k)
+            probabilities = np.stack([
+                softmax_rows(_mlp_logits(_train_mlps(x_train, codes[s], len(classes), cfg, device=device), x_test))
+                for s in range(n_sets)
+            ], axis=1)
+        for name, proba in zip(names, probabilities):  # proba [S, n_test, len(classes)]
+            results[name] = np.stack([_full_columns(p, classes, k) for p in proba])
     return {name: results[name] for name in features}
 
 
@@ -373,35 +435,87 @@ class OutOfFold:
 
     ``probabilities`` is ``[n_test, K]`` in test order; ``finite`` is False when the locus's
     features hold NaN/inf, and then each fold answers its training majority class instead.
+    ``controls`` is ``[P, n_test, K]``: the same probe fitted on ``P`` permutations of each
+    fold's training labels (the control task), or ``None``.
     """
 
     probabilities: np.ndarray
     finite: bool
+    controls: np.ndarray | None = None
+
+
+def permuted_labels(y_train: np.ndarray, permutations: int, seed: int, fold: int) -> np.ndarray:
+    """``[P, n_train]``: ``P`` seeded shuffles of one fold's training labels (class counts kept)."""
+    rng = np.random.default_rng([seed, fold, 0x5E1EC7])
+    return np.stack([rng.permutation(y_train) for _ in range(permutations)]) if permutations else \
+        np.zeros((0, len(y_train)), dtype=np.asarray(y_train).dtype)
 
 
 def cross_fit(
     features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray, *,
-    kind: str = "linear", seed: int = 0, device: str = "cpu",
+    kind: str = "linear", seed: int = 0, device: str = "cpu", permutations: int = 0,
 ) -> dict[str, OutOfFold]:
     """Probe every locus on every ``(train, fold_test)`` of ``folds``; pool the held-out
-    probabilities in ``test`` order (``test`` is the union of the folds' test parts)."""
+    probabilities in ``test`` order (``test`` is the union of the folds' test parts).
+
+    With ``permutations``, the control task is fitted in the same batch: the same probe on
+    permuted training labels of each fold, scored on the same held-out images. Linear probes
+    of every fold, label set and locus of one width are one batched fit.
+    """
     k = int(labels.max()) + 1
     finite = {name: bool(np.isfinite(X).all()) for name, X in features.items()}
     usable = {name: X for name, X in features.items() if finite[name]}
     position = {int(i): n for n, i in enumerate(test)}
-    proba = {name: np.zeros((len(test), k)) for name in features}
-    for train, fold_test in folds:
-        fitted = fit_predict(usable, labels, train, fold_test, kind=kind, seed=seed, device=device)
+    proba = {name: np.zeros((1 + permutations, len(test), k)) for name in features}
+    folds = list(folds)
+    label_sets = [np.concatenate([labels[train][None], permuted_labels(labels[train], permutations, seed, number)])
+                  for number, (train, _) in enumerate(folds)]
+    if kind == "linear":
+        fitted_folds = _linear_folds(usable, labels, folds, label_sets, device)
+    else:
+        fitted_folds = [fit_predict_sets(usable, labels, sets, train, fold_test, kind=kind, seed=seed, device=device)
+                        for sets, (train, fold_test) in zip(label_sets, folds)]
+    for (train, fold_test), fitted in zip(folds, fitted_folds):
         majority = one_hot(np.full(len(fold_test), np.bincount(labels[train], minlength=k).argmax()), k)
         where = [position[int(i)] for i in fold_test]
         for name in features:
-            proba[name][where] = fitted[name] if finite[name] else majority
-    return {name: OutOfFold(proba[name], finite[name]) for name in features}
+            proba[name][:, where] = fitted[name] if finite[name] else majority
+    return {
+        name: OutOfFold(proba[name][0], finite[name], proba[name][1:] if permutations else None)
+        for name in features
+    }
+
+
+def _linear_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: list[Any],
+                  label_sets: list[np.ndarray], device: str) -> list[dict[str, np.ndarray]]:
+    """Linear probes of every fold at once (:func:`fit_linear_folds`): per fold, ``[S, n_test, K]``
+    per locus."""
+    k = int(labels.max()) + 1
+    by_width: dict[int, list[str]] = {}
+    for name, X in features.items():
+        X = _check_X(X, None, f"linear probe of {name}")
+        by_width.setdefault(X.shape[1], []).append(name)
+    out: list[dict[str, np.ndarray]] = [{} for _ in folds]
+    classes = [np.unique(sets[0]) for sets in label_sets]
+    for names in by_width.values():
+        stacks = [_standardised_stack(features, names, train, test) for train, test in folds]
+        if len({len(c) for c in classes}) == 1:
+            fitted = fit_linear_folds([x for x, _ in stacks],
+                                      [np.searchsorted(c, sets) for c, sets in zip(classes, label_sets)],
+                                      len(classes[0]), device=device)
+        else:  # a fold lacks a class in training: its problem has another shape, fitted alone
+            fitted = [fit_linear_folds([x], [np.searchsorted(c, sets)], len(c), device=device)[0]
+                      for (x, _), c, sets in zip(stacks, classes, label_sets)]
+        for g, ((_, x_test), (coef, intercept)) in enumerate(zip(stacks, fitted)):
+            probabilities = np.stack([_linear_proba(coef[s], intercept[s], x_test) for s in range(len(coef))], axis=1)
+            for name, p in zip(names, probabilities):
+                out[g][name] = np.stack([_full_columns(q, classes[g], k) for q in p])
+    return out
 
 
 def cross_fit_on_device(
     features: dict[str, np.ndarray], labels: np.ndarray, folds: Any, test: np.ndarray, *,
-    kind: str, seed: int, device: str, timings: dict[str, float],
+    kind: str, seed: int, device: str, timings: dict[str, float], permutations: int = 0,
 ) -> dict[str, OutOfFold]:
     """:func:`cross_fit` on ``device``; out of accelerator memory, on the CPU instead.
 
@@ -409,18 +523,18 @@ def cross_fit_on_device(
     A fallback is recorded as ``timings["probe_cpu_fallback"]`` and said in the run summary.
     """
     if device == "cpu":
-        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device=device)
+        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device=device, permutations=permutations)
     import torch
 
     from .extract import free_accelerator_memory
 
     free_accelerator_memory()
     try:
-        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device=device)
+        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device=device, permutations=permutations)
     except torch.OutOfMemoryError:
         free_accelerator_memory()
         timings["probe_cpu_fallback"] = 1.0
-        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device="cpu")
+        return cross_fit(features, labels, folds, test, kind=kind, seed=seed, device="cpu", permutations=permutations)
 
 
 def _standardised_stack(

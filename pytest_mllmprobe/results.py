@@ -11,7 +11,9 @@ import numpy as np
 
 from .health import FAILURE_MODES, STAGE_ORDER
 
-SCHEMA_VERSION = 1
+#: 2: intervals (loci, stage scores, ratios), the control task per locus, the random-init twin,
+#: the comparisons' power; docs/reading-the-report.md lists the keys
+SCHEMA_VERSION = 2
 
 
 def stage_of(locus: str) -> str:
@@ -38,9 +40,18 @@ class LocusResult:
     auroc: float = float("nan")
     finite: bool = True
     fold_accuracy: list[float] | None = None
+    #: 95% bootstrap interval of each metric over the test images (patients), where computed
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: the control task (:func:`pytest_mllmprobe.uncertainty.control_summary`), where fitted
+    control: dict[str, Any] | None = None
+    #: the same locus of the random-initialisation twin (``--mllm-controls random-init``): metrics
+    random_init: dict[str, float] | None = None
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
+
+    def interval(self, name: str) -> tuple[float, float] | None:
+        return self.intervals.get(name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +69,9 @@ class LocusResult:
             "fold_accuracy": None if self.fold_accuracy is None else [_num(a) for a in self.fold_accuracy],
             "fold_mean": None if self.fold_accuracy is None else _num(float(np.mean(self.fold_accuracy))),
             "fold_std": None if self.fold_accuracy is None else _num(float(np.std(self.fold_accuracy, ddof=1))),
+            "intervals": {k: _pair(v) for k, v in self.intervals.items()},
+            "control": _clean(self.control),
+            "random_init": _clean(self.random_init),
             "correct": [bool(c) for c in self.correct],
         }
 
@@ -77,6 +91,8 @@ class Check:
     p_value: float | None = None
     ci: tuple[float, float] | None = None
     locus: str | None = None
+    #: 95% bootstrap interval of ``value``, where the run computed one
+    interval: tuple[float, float] | None = None
 
     @property
     def delta(self) -> float:
@@ -90,6 +106,7 @@ class Check:
             "rule": self.rule, "metric": self.metric, "value": _num(self.value),
             "threshold": _num(self.threshold), "delta": _num(self.delta), "passed": self.passed,
             "explanation": self.explanation, "source": self.source, "locus": self.locus,
+            "interval": _pair(self.interval) if self.interval is not None else None,
         }
         if self.reference is not None:
             data.update(reference=_num(self.reference), p_value=_num(self.p_value),
@@ -164,6 +181,12 @@ class ModelResult:
     timings: dict[str, float] = field(default_factory=dict)
     comparison: dict[str, Any] | None = None
     answers: dict[str, Any] | None = None
+    #: 95% bootstrap intervals of the stage scores and transition ratios
+    #: (:func:`pytest_mllmprobe.verdicts.stage_figures`), and how they were computed
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    uncertainty: dict[str, Any] = field(default_factory=dict)
+    #: the random-initialisation twin's stage scores (``--mllm-controls random-init``)
+    random_init: dict[str, Any] | None = None
 
     @property
     def failing_stages(self) -> list[str]:
@@ -177,11 +200,16 @@ class ModelResult:
 
     @property
     def profile(self) -> str:
-        s = self.scores
-        return (
-            f"FHS_V {_fmt(s['FHS_V'])} -> FHS_C {_fmt(s['FHS_C'])} -> "
-            f"FHS_L {_fmt(s['FHS_L'])} -> P_final {_fmt(s['P_final'])}"
-        )
+        return " -> ".join(f"{key} {self.figure(key)}" for key in ("FHS_V", "FHS_C", "FHS_L", "P_final"))
+
+    def figure(self, key: str, digits: int = 3) -> str:
+        """``0.762 [0.620, 0.880]``: a stage score with its interval, where there is one."""
+        value = self.scores.get(key)
+        text = _fmt(value) if digits == 3 else ("n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}")
+        low, high = self.intervals.get(key, (float("nan"), float("nan")))
+        if math.isfinite(low) and math.isfinite(high):
+            text += f" [{low:.{digits}f}, {high:.{digits}f}]"
+        return text
 
     @property
     def diagnosis(self) -> str:
@@ -197,6 +225,9 @@ class ModelResult:
             "n_train": self.n_train,
             "n_test": self.n_test,
             "scores": {k: _num(v) for k, v in self.scores.items()},
+            "intervals": {k: _pair(v) for k, v in self.intervals.items()},
+            "uncertainty": dict(self.uncertainty),
+            "random_init": _clean(self.random_init),
             "profile": self.profile,
             "diagnosis": self.diagnosis,
             "first_failing_stage": self.first_failing_stage,
@@ -232,6 +263,25 @@ class Results:
 
 def _fmt(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _pair(pair: tuple[float, float]) -> list[float | None]:
+    return [_num(float(x)) for x in pair]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-able copy: NaN and infinities become null, tuples lists, numpy scalars floats."""
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _num(float(value))
+    return value
 
 
 def _num(value: float | None) -> float | None:

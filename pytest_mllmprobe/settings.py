@@ -13,6 +13,14 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 PROBES = ("linear", "mlp")
 ANSWER_MODES = ("likelihood", "generate")
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+#: Folds of the default evaluation: every image is tested once (unless the data has its own split).
+DEFAULT_FOLDS = 5
+#: Bootstrap resamples of the default 95% intervals (cheap: no probe is refitted).
+DEFAULT_BOOTSTRAP = 1000
+#: Label permutations of the default control task per locus (p-values down to 0.1; each one costs about one more probe fit).
+DEFAULT_PERMUTATIONS = 9
+#: Opt-in controls (``--mllm-controls``).
+CONTROLS = ("random-init",)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,9 @@ class Settings:
     answer: str = "likelihood"
     cache_dir: str | None = None
     skip_bad_images: bool = False
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    permutations: int = DEFAULT_PERMUTATIONS
+    controls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -64,8 +75,18 @@ class Settings:
             raise ConfigError(f"--mllm-metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.answer not in ANSWER_MODES:
             raise ConfigError(f"--mllm-answer {self.answer!r} is not one of {', '.join(ANSWER_MODES)}")
-        if self.folds is not None and self.folds < 2:
-            raise ConfigError(f"--mllm-folds {self.folds} must be at least 2 (e.g. 5), or left out for one split")
+        if self.folds is not None and self.folds < 1:
+            raise ConfigError(
+                f"--mllm-folds {self.folds} must be 1 (one train/test split) or at least 2 (k-fold), "
+                f"or left out for the default ({DEFAULT_FOLDS} folds, or the data's own split)"
+            )
+        if self.bootstrap < 0:
+            raise ConfigError(f"--mllm-bootstrap {self.bootstrap} must be 0 (no intervals) or a number of resamples, e.g. 1000")
+        if self.permutations < 0:
+            raise ConfigError(f"--mllm-permutations {self.permutations} must be 0 (no control task) or a number, e.g. 19")
+        unknown = sorted(set(self.controls) - set(CONTROLS))
+        if unknown:
+            raise ConfigError(f"--mllm-controls {','.join(unknown)!r} is not one of {', '.join(CONTROLS)}")
         if self.update_baseline and not (self.baseline or self.save_baseline):
             raise ConfigError(
                 "--mllm-update-baseline needs the file to write: add --mllm-baseline PATH "

@@ -41,11 +41,11 @@ from .settings import METRICS
 
 VERSION = 1
 STAGES = ("vision", "connector", "llm", "answer")
-LOCUS_KEYS = ("min_above_chance", "floor")
+LOCUS_KEYS = ("min_above_chance", "floor", "min_selectivity")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "vision": ("min_fhs", "min_end_above_chance"),
-    "connector": ("min_keep",),
-    "llm": ("min_keep", "min_fhs_ratio"),
+    "vision": ("min_fhs", "min_end_above_chance", "min_dip_ratio", "min_selectivity"),
+    "connector": ("min_keep", "min_selectivity"),
+    "llm": ("min_keep", "min_fhs_ratio", "min_dip_ratio", "min_selectivity"),
     "answer": ("min_keep",),
 }
 #: Keys whose value is a score (FHS can exceed 1): any finite number >= 0.
@@ -79,6 +79,8 @@ class LocusRule:
     min_above_chance: float | None
     floor: float | None
     source: str
+    #: the metric minus its control task's (permuted labels) must be >= this
+    min_selectivity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,16 @@ class Thresholds:
 
     def for_locus(self, locus: str) -> LocusRule:
         """The defaults, then every ``loci`` glob that matches ``locus``, in order."""
-        values = {"min_above_chance": self.locus.min_above_chance, "floor": self.locus.floor}
+        values = {"min_above_chance": self.locus.min_above_chance, "floor": self.locus.floor,
+                  "min_selectivity": self.locus.min_selectivity}
         sources = {key: self.locus_sources.get(key, self.locus.source) for key in LOCUS_KEYS}
         for glob, overrides, source in self.loci:
             if fnmatchcase(locus, glob):
                 for key, value in overrides.items():
                     values[key] = value
                     sources[key] = source
-        return LocusRule(values["min_above_chance"], values["floor"], _join_sources(sources))
+        return LocusRule(values["min_above_chance"], values["floor"], _join_sources(sources),
+                         values["min_selectivity"])
 
     def stage(self, stage: str, key: str) -> float | None:
         """The value of ``stages.<stage>.<key>`` (``None``: the rule is disabled)."""
@@ -130,6 +134,7 @@ class Thresholds:
             "locus": {
                 "min_above_chance": self.locus.min_above_chance,
                 "floor": self.locus.floor,
+                "min_selectivity": self.locus.min_selectivity,
                 "source": self.locus.source,
             },
             "loci": [{"glob": g, **dict(o), "source": s} for g, o, s in self.loci],
@@ -241,7 +246,7 @@ class ThresholdSet:
         return Thresholds(
             metric=metric[0],
             locus=LocusRule(locus["min_above_chance"][0], locus["floor"][0],
-                            _join_sources(locus_sources)),
+                            _join_sources(locus_sources), locus["min_selectivity"][0]),
             loci=tuple((g, dict(o), s) for g, o, s in loci),
             stages={s: {k: v[0] for k, v in values.items()} for s, values in stages.items()},
             files=self.files,

@@ -12,13 +12,20 @@ Stage rules and the failure mode each one names (METHOD.md):
                    readout from the first cross-attention layer on)
   stage.answer     P_final >= min_keep x P(last LLM layer, last readout)
                    -> misalignment of semantic mapping
+
+Beside them: ``min_dip_ratio`` (vision, llm): the lowest point of the stage's curve >= ratio x
+its first point, which catches a layer that collapses and is repaired downstream (the FHS alone
+rewards such a dip); ``min_selectivity`` (every locus, and the locus of the vision, connector
+and llm stages): the metric minus its control task's (the probe fitted on permuted labels).
+Every figure carries its bootstrap interval where the run computed one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .health import feature_health_score
+import numpy as np
+
 from .results import Check, LocusResult, Verdict, stage_of
 
 
@@ -43,23 +50,77 @@ def llm_readout(loci: dict[str, LocusResult]) -> str:
     return "image" if any(n.startswith("llm.") and n.endswith(".image") for n in loci) else "last"
 
 
+def stage_curves(loci: Any, consumed: tuple[int, ...], llm_entry: int = 0) -> dict[str, list[str]]:
+    """The locus names of each stage's curve, in layer order: ``vision`` up to the deepest layer
+    the connector reads, ``llm`` (image readout, or last where there are no image tokens) and
+    ``llm_last`` from ``llm_entry`` (the first layer that can carry the image) to the last."""
+    layers = range(llm_entry, llm_layers(loci))
+    return {
+        "vision": [f"vision.{i}" for i in range(max(consumed) + 1)],
+        "llm": [f"llm.{i}.{llm_readout(loci)}" for i in layers],
+        "llm_last": [f"llm.{i}.last" for i in layers],
+    }
+
+
+def stage_figures(value: Any, loci: Any, consumed: tuple[int, ...], llm_entry: int, fed: str) -> dict[str, Any]:
+    """Stage scores, transition ratios and dip ratios from ``value(locus)``: a number, or an
+    array of bootstrap resamples (then every figure is an array).
+
+    ``fed`` is the vision locus the connector reads best (chosen on the point estimates).
+    """
+    from .health import feature_health_scores
+
+    curves = stage_curves(loci, consumed, llm_entry)
+
+    def fhs(names: list[str]) -> Any:
+        stacked = np.stack([np.atleast_1d(np.asarray(value(n), dtype=np.float64)) for n in names], axis=1)
+        out = feature_health_scores(stacked)
+        return out if np.ndim(value(names[0])) else float(out[0])
+
+    def ratio(a: Any, b: Any) -> Any:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.asarray(a, dtype=np.float64) / np.asarray(b, dtype=np.float64)
+        return out if np.ndim(out) else float(out)
+
+    def low(names: list[str]) -> Any:
+        return np.min(np.stack([np.asarray(value(n), dtype=np.float64) for n in names]), axis=0)
+
+    p_c = value("connector")
+    n_llm = llm_layers(loci)
+    scores = {
+        "FHS_V": fhs(curves["vision"]),
+        "FHS_C": fhs(["connector"]),
+        "FHS_L": fhs(curves["llm"]),
+        "FHS_L_last": fhs(curves["llm_last"]),
+        "P_final": value("answer"),
+    }
+    ratios = {
+        "connector/vision": ratio(p_c, value(fed)),
+        "llm/connector": ratio(value(curves["llm"][0]), p_c),
+        "FHS_L/connector": ratio(scores["FHS_L"], p_c),
+        "answer/llm": ratio(scores["P_final"], value(f"llm.{n_llm - 1}.last")),
+        "dip/vision": ratio(low(curves["vision"]), value(curves["vision"][0])),
+        "dip/llm": ratio(low(curves["llm"]), value(curves["llm"][0])),
+    }
+    return {**scores, **ratios}
+
+
+SCORE_KEYS = ("FHS_V", "FHS_C", "FHS_L", "FHS_L_last", "P_final")
+
+
 def stage_scores(
     loci: dict[str, LocusResult], consumed: tuple[int, ...], metric: str, llm_entry: int = 0
 ) -> dict[str, float]:
     """FHS per stage and ``P_final``; FHS_V runs up to the deepest layer the connector reads,
     FHS_L from ``llm_entry`` (the first layer that can carry the image) to the last."""
-    vision = [loci[f"vision.{i}"].metric(metric) for i in range(max(consumed) + 1)]
-    layers = range(llm_entry, llm_layers(loci))
-    main = [loci[f"llm.{i}.{llm_readout(loci)}"].metric(metric) for i in layers]
-    last = [loci[f"llm.{i}.last"].metric(metric) for i in layers]
-    connector = loci["connector"].metric(metric)
-    return {
-        "FHS_V": feature_health_score(vision),
-        "FHS_C": feature_health_score([connector]),
-        "FHS_L": feature_health_score(main),
-        "FHS_L_last": feature_health_score(last),
-        "P_final": loci["answer"].metric(metric),
-    }
+    figures = stage_figures(lambda n: loci[n].metric(metric), loci, consumed, llm_entry,
+                            fed_locus(loci, consumed, metric))
+    return {k: figures[k] for k in SCORE_KEYS}
+
+
+def fed_locus(loci: Any, consumed: tuple[int, ...], metric: str) -> str:
+    """The consumed vision layer that scores best: the one the connector rule compares with."""
+    return f"vision.{max(consumed, key=lambda i: loci[f'vision.{i}'].metric(metric))}"
 
 
 def judge(
@@ -68,13 +129,19 @@ def judge(
     consumed: tuple[int, ...],
     thresholds: Any,
     llm_entry: int = 0,
+    intervals: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Verdict]:
-    """One verdict per locus test and per stage rule, in pipeline order."""
+    """One verdict per locus test and per stage rule, in pipeline order.
+
+    ``intervals`` holds the bootstrap intervals of the stage figures (:func:`stage_figures`'
+    keys); each check carries the interval of its figure where there is one.
+    """
     metric = thresholds.metric
     verdicts: dict[str, Verdict] = {}
     for name, locus in loci.items():
         verdicts[name] = Verdict(name, locus.stage, name, tuple(_locus_checks(locus, thresholds)))
-    for stage, checks in _stage_checks(loci, scores, consumed, thresholds, metric, llm_entry).items():
+    stage_checks = _stage_checks(loci, scores, consumed, thresholds, metric, llm_entry, intervals or {})
+    for stage, checks in stage_checks.items():
         test = f"stage.{stage}"
         verdicts[test] = Verdict(test, stage, _stage_locus(stage, loci, consumed), tuple(checks))
     return verdicts
@@ -85,6 +152,7 @@ def _locus_checks(locus: LocusResult, thresholds: Any) -> list[Check]:
     rule = thresholds.for_locus(locus.name)
     value = locus.metric(metric)
     chance = locus.chance[metric]
+    interval = locus.interval(metric)
     checks: list[Check] = []
     if not locus.finite:
         checks.append(Check(
@@ -96,7 +164,7 @@ def _locus_checks(locus: LocusResult, thresholds: Any) -> list[Check]:
         needed = chance + rule.min_above_chance * (1 - chance)
         checks.append(Check(
             rule="min_above_chance", metric=metric, value=value, threshold=needed,
-            passed=value >= needed, locus=locus.name,
+            passed=value >= needed, locus=locus.name, interval=interval,
             explanation=(
                 f"{metric} >= chance + {rule.min_above_chance:g} x (1 - chance) "
                 f"= {chance:.3f} + {rule.min_above_chance:g} x {1 - chance:.3f}"
@@ -105,11 +173,36 @@ def _locus_checks(locus: LocusResult, thresholds: Any) -> list[Check]:
         ))
     if rule.floor is not None:
         checks.append(Check(
-            rule="floor", metric=metric, value=value, threshold=rule.floor,
+            rule="floor", metric=metric, value=value, threshold=rule.floor, interval=interval,
             passed=value >= rule.floor, explanation=f"{metric} >= {rule.floor:g}", source=rule.source,
             locus=locus.name,
         ))
+    checks += selectivity_check(locus, metric, rule.min_selectivity, rule.source)
     return checks
+
+
+def selectivity_check(locus: LocusResult, metric: str, minimum: float | None, source: str) -> list[Check]:
+    """``selectivity = metric - control >= minimum``, where the control is the same probe fitted
+    on permuted training labels; no check where the run fitted no control (the answer, or
+    ``--mllm-permutations 0``)."""
+    control = (locus.control or {}).get(metric)
+    if minimum is None or control is None:
+        return []
+    selectivity = control["selectivity"]
+    passed = bool(np.isfinite(selectivity) and selectivity >= minimum)
+    return [Check(
+        rule="min_selectivity", metric=f"{metric} selectivity", value=selectivity, threshold=minimum,
+        passed=passed, locus=locus.name,
+        explanation=(
+            f"selectivity = {metric} - control = {locus.metric(metric):.3f} - {control['control']:.3f} "
+            f"(control: the same probe on {locus.control['permutations']} permutations of the training "
+            f"labels; permutation p = {control['p_value']:.3g}) >= {minimum:g}"
+            + ("" if passed else (
+                ": the probe reads no more here than it learns from shuffled labels" if selectivity <= 0.02
+                else f": the probe reads only {selectivity:.3f} more than it learns from shuffled labels"))
+        ),
+        source=source,
+    )]
 
 
 def _stage_locus(stage: str, loci: dict[str, LocusResult], consumed: tuple[int, ...]) -> str:
@@ -121,24 +214,59 @@ def _stage_locus(stage: str, loci: dict[str, LocusResult], consumed: tuple[int, 
 
 
 def _ratio_check(rule: str, metric: str, value: float, ratio: float | None, reference: float,
-                 what: str, ref_what: str, source: str, locus: str) -> list[Check]:
+                 what: str, ref_what: str, source: str, locus: str,
+                 ratio_interval: tuple[float, float] | None = None,
+                 interval: tuple[float, float] | None = None) -> list[Check]:
     if ratio is None:
         return []
     needed = ratio * reference
+    measured = ""
+    if reference > 0 and np.isfinite(value):
+        measured = f"; measured ratio {value / reference:.3f}"
+        if ratio_interval is not None and all(np.isfinite(ratio_interval)):
+            measured += f" [{ratio_interval[0]:.3f}, {ratio_interval[1]:.3f}]"
     return [Check(
         rule=rule, metric=metric, value=value, threshold=needed, passed=value >= needed,
-        explanation=f"{what} >= {ratio:g} x {ref_what} = {ratio:g} x {reference:.3f}", source=source,
-        locus=locus,
+        explanation=f"{what} >= {ratio:g} x {ref_what} = {ratio:g} x {reference:.3f}{measured}", source=source,
+        locus=locus, interval=interval,
+    )]
+
+
+def _dip_check(stage: str, names: list[str], loci: dict[str, LocusResult], metric: str, ratio: float | None,
+               source: str, interval: tuple[float, float] | None) -> list[Check]:
+    """The lowest point of a stage's curve against its first point (a transient collapse)."""
+    if ratio is None or not names:
+        return []
+    values = [loci[n].metric(metric) for n in names]
+    low = int(np.nanargmin(values)) if np.isfinite(values).any() else 0
+    first, lowest = values[0], values[low]
+    needed = ratio * first
+    passed = bool(lowest >= needed)
+    where = f"{names[low]} (the lowest point of the {stage} curve)"
+    tail = ""
+    if not passed and low + 1 < len(values) and max(values[low + 1:]) >= needed:
+        tail = (f": {names[low]} collapses and a later layer recovers "
+                f"({max(values[low + 1:]):.3f} at {names[low + 1 + int(np.argmax(values[low + 1:]))]}); "
+                "the FHS alone does not penalise such a dip")
+    span = ""
+    if interval is not None and all(np.isfinite(interval)) and first > 0:
+        span = f"; measured ratio {lowest / first:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return [Check(
+        rule="min_dip_ratio", metric=metric, value=lowest, threshold=needed, passed=passed,
+        explanation=f"P({where}) >= {ratio:g} x P({names[0]}) = {ratio:g} x {first:.3f}{span}{tail}",
+        source=source, locus=names[low], interval=loci[names[low]].interval(metric),
     )]
 
 
 def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consumed: tuple[int, ...],
-                  thresholds: Any, metric: str, llm_entry: int = 0) -> dict[str, list[Check]]:
+                  thresholds: Any, metric: str, llm_entry: int, intervals: dict[str, tuple[float, float]],
+                  ) -> dict[str, list[Check]]:
     src = thresholds.stage_source
-    fed = max(consumed, key=lambda i: loci[f"vision.{i}"].metric(metric))
-    fed_value = loci[f"vision.{fed}"].metric(metric)
+    fed = fed_locus(loci, consumed, metric)
+    fed_value = loci[fed].metric(metric)
     p_c = loci["connector"].metric(metric)
     n_llm = llm_layers(loci)
+    curves = stage_curves(loci, consumed, llm_entry)
     checks: dict[str, list[Check]] = {s: [] for s in ("vision", "connector", "llm", "answer")}
 
     min_fhs = thresholds.stage("vision", "min_fhs")
@@ -146,30 +274,38 @@ def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consum
         checks["vision"].append(Check(
             rule="min_fhs", metric="FHS_V", value=scores["FHS_V"], threshold=min_fhs,
             passed=scores["FHS_V"] >= min_fhs, explanation=f"FHS_V >= {min_fhs:g}",
-            source=src("vision", "min_fhs"), locus=f"vision.{max(consumed)}",
+            source=src("vision", "min_fhs"), locus=f"vision.{max(consumed)}", interval=intervals.get("FHS_V"),
         ))
     end_min = thresholds.stage("vision", "min_end_above_chance")
     if end_min is not None:
-        chance = loci[f"vision.{fed}"].chance[metric]
+        chance = loci[fed].chance[metric]
         needed = chance + end_min * (1 - chance)
         checks["vision"].append(Check(
             rule="min_end_above_chance", metric=metric, value=fed_value, threshold=needed,
-            passed=fed_value >= needed,
+            passed=fed_value >= needed, interval=loci[fed].interval(metric),
             explanation=(
-                f"P(vision.{fed}, the layer the connector reads) >= chance + {end_min:g} x "
+                f"P({fed}, the layer the connector reads) >= chance + {end_min:g} x "
                 f"(1 - chance) = {chance:.3f} + {end_min:g} x {1 - chance:.3f}"
             ),
-            source=src("vision", "min_end_above_chance"), locus=f"vision.{fed}",
+            source=src("vision", "min_end_above_chance"), locus=fed,
         ))
+    checks["vision"] += _dip_check("vision", curves["vision"], loci, metric, thresholds.stage("vision", "min_dip_ratio"),
+                                   src("vision", "min_dip_ratio"), intervals.get("dip/vision"))
+    checks["vision"] += selectivity_check(loci[fed], metric, thresholds.stage("vision", "min_selectivity"),
+                                          src("vision", "min_selectivity"))
     checks["connector"] += _ratio_check(
         "min_keep", metric, p_c, thresholds.stage("connector", "min_keep"), fed_value,
-        "P(connector)", f"P(vision.{fed})", src("connector", "min_keep"), "connector",
+        "P(connector)", f"P({fed})", src("connector", "min_keep"), "connector",
+        intervals.get("connector/vision"), loci["connector"].interval(metric),
     )
+    checks["connector"] += selectivity_check(loci["connector"], metric, thresholds.stage("connector", "min_selectivity"),
+                                             src("connector", "min_selectivity"))
     readout = llm_readout(loci)
     entry = f"llm.{llm_entry}.{readout}"
     checks["llm"] += _ratio_check(
         "min_keep", metric, loci[entry].metric(metric), thresholds.stage("llm", "min_keep"),
         p_c, f"P({entry})", "P(connector)", src("llm", "min_keep"), entry,
+        intervals.get("llm/connector"), loci[entry].interval(metric),
     )
     fhs_ratio = thresholds.stage("llm", "min_fhs_ratio")
     if fhs_ratio is not None:
@@ -177,11 +313,18 @@ def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consum
             "min_fhs_ratio", "FHS_L", scores["FHS_L"], fhs_ratio, p_c,
             f"FHS_L ({readout} readout" + (f", llm.{llm_entry} on)" if llm_entry else ")"), "P(connector)",
             src("llm", "min_fhs_ratio"), f"llm.{n_llm - 1}.{readout}",
+            intervals.get("FHS_L/connector"), intervals.get("FHS_L"),
         )
+    checks["llm"] += _dip_check("llm", curves["llm"], loci, metric, thresholds.stage("llm", "min_dip_ratio"),
+                                src("llm", "min_dip_ratio"), intervals.get("dip/llm"))
+    last_main = f"llm.{n_llm - 1}.{readout}"
+    checks["llm"] += selectivity_check(loci[last_main], metric, thresholds.stage("llm", "min_selectivity"),
+                                       src("llm", "min_selectivity"))
     last = loci[f"llm.{n_llm - 1}.last"].metric(metric)
     checks["answer"] += _ratio_check(
         "min_keep", metric, scores["P_final"], thresholds.stage("answer", "min_keep"), last,
         "P_final", f"P(llm.{n_llm - 1}.last)", src("answer", "min_keep"), "answer",
+        intervals.get("answer/llm"), intervals.get("P_final"),
     )
     return checks
 

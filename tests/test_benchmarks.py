@@ -60,3 +60,15 @@ def test_probe_benchmark_runs_and_compares_with_sklearn(capsys) -> None:
     for kind in ("linear", "sklearn", "mlp"):
         assert summary[f"{kind}_mean_accuracy"] > 0.6, summary
     assert summary["max_accuracy_gap_linear_vs_sklearn"] <= 1 / 30 + 1e-9
+
+
+def test_seed_spread_benchmark_runs(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_seed_spread.py"), "--seeds", "2"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = _json_line(done.stdout)
+    assert summary["seeds"] == 2 and set(summary["spread_ratio"]) == {"FHS_V", "FHS_C", "FHS_L", "P_final"}
+    assert summary["probe_s_folds"] > 0 and summary["probe_s_one_split"] > 0
+    assert "one split (0.3)" in done.stdout and "5 folds (default)" in done.stdout

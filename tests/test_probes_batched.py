@@ -34,7 +34,7 @@ def demo_features():
     from pytest_mllmprobe.prompts import DEFAULT_QUESTION, build_prompt
     from pytest_mllmprobe.settings import Settings
 
-    the_plan = plan(Settings(models=("demo",)))
+    the_plan = plan(Settings(models=("demo",), folds=1))  # one split: sklearn is fitted on it
     dataset = the_plan.dataset
     loaded = load_model(the_plan.models[0].spec, device="cpu", dtype="float32")
     stage_map = detect_stages(loaded.model)

@@ -48,6 +48,10 @@ class Point:
     finite: bool
     failure_mode: str | None
     why: str = ""
+    low: float | None = None            # the 95% bootstrap interval of ``value``
+    high: float | None = None
+    control: float | None = None        # the control task's ``value`` (permuted labels)
+    random_init: float | None = None    # the random-initialisation twin's ``value``
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,10 @@ def curve_of(model: dict[str, Any]) -> Curve:
             finite=bool(loc.get("finite", True)),
             failure_mode=None if verdict is None else verdict.get("failure_mode"),
             why=failing_why(verdict),
+            low=number(((loc.get("intervals") or {}).get(metric) or [None, None])[0]),
+            high=number(((loc.get("intervals") or {}).get(metric) or [None, None])[1]),
+            control=number(((loc.get("control") or {}).get(metric) or {}).get("control")),
+            random_init=number((loc.get("random_init") or {}).get(metric)),
         ))
     spans: dict[str, tuple[int, int]] = {}
     for x, stage in enumerate(tick_stages):

@@ -79,7 +79,7 @@ def model_figure(model: dict[str, Any], reference: dict[str, Any] | None = None)
     n = curve.n_positions
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylim(-0.04, 1.06)
-    ax.set_ylabel(f"probe {curve.metric.replace('_', ' ')} (test split)")
+    ax.set_ylabel(f"probe {curve.metric.replace('_', ' ')} (held-out images)")
     ax.set_xlabel("layer, in pipeline order (conn = connector output, ans = the model's own answer)",
                   fontsize=9)
     ax.grid(axis="y", color="#d8d8d8", linewidth=0.6, zorder=0.5)
@@ -90,8 +90,9 @@ def model_figure(model: dict[str, Any], reference: dict[str, Any] | None = None)
     levels += _level_line(ax, curve, "threshold", COLORS["floor"], (0, (1, 1.5)),
                           "per-locus pass line (threshold)")
     consumed = _consumed(ax, curve)
+    controls = _interval_bands(ax, curve) + _control_lines(ax, curve)
     # Legend order: what was measured, the lines to read it against, what failed, the reference.
-    handles = _probe_lines(ax, curve) + levels + consumed + _failures(ax, curve) + references
+    handles = _probe_lines(ax, curve) + controls + levels + consumed + _failures(ax, curve) + references
     _ticks(fig, ax, curve)
     _titles(fig, model, curve)
     _legend(fig, handles)
@@ -216,6 +217,42 @@ def _probe_lines(ax: Any, curve: Curve) -> list[Any]:
                           color=COLORS["answer"], zorder=5, label="model's own answer (P_final)")
         handles.append(mark)
     return handles
+
+
+def _interval_bands(ax: Any, curve: Curve) -> list[Any]:
+    """The 95% bootstrap interval of each probe line, as a shaded band behind it."""
+    handles = []
+    for readout, color in (("image", COLORS["image"]), ("last", COLORS["last"])):
+        points = [p for p in curve.series(readout) if p.low is not None and p.high is not None]
+        if len(points) < 1:
+            continue
+        band = ax.fill_between([p.x for p in points], [p.low for p in points], [p.high for p in points],
+                               color=color, alpha=0.16, linewidth=0, zorder=1.5,
+                               label="95% interval (bootstrap over test images)" if not handles else None)
+        if not handles:
+            handles.append(band)
+    return handles
+
+
+def _control_lines(ax: Any, curve: Curve) -> list[Any]:
+    """The control task (probes on permuted labels) and the random-initialisation twin."""
+    handles = []
+    main = [p for p in curve.series("image") if p.control is not None]
+    if main:
+        (line,) = ax.plot(*_control_xy(main, "control"), color="#7f7f7f", linestyle=(0, (1, 2)), linewidth=1.3,
+                          marker="v", markersize=3, zorder=2.5, label="control: probe on permuted labels")
+        handles.append(line)
+    twin = [p for p in curve.series("image") if p.random_init is not None]
+    if twin:
+        (line,) = ax.plot(*_control_xy(twin, "random_init"), color="#9467bd", linestyle=(0, (4, 2)),
+                          linewidth=1.4, marker="^", markersize=3.5, zorder=2.6,
+                          label="random-init twin (same architecture)")
+        handles.append(line)
+    return handles
+
+
+def _control_xy(points: list[Point], attr: str) -> tuple[list[int], list[float]]:
+    return [p.x for p in points], [getattr(p, attr) for p in points]
 
 
 def _failures(ax: Any, curve: Curve) -> list[Any]:
@@ -351,6 +388,11 @@ def profile_figure(results: dict[str, Any]) -> Any:
             ax.bar(x, value, width * 0.92, color=color, edgecolor=COLORS["fail"] if bad else "white",
                    linewidth=1.5 if bad else 0.5, hatch="///" if bad else None,
                    zorder=3)
+            low, high = ((model.get("intervals") or {}).get(key) or [None, None])
+            if number(low) is not None and number(high) is not None:  # the 95% bootstrap interval
+                ax.errorbar([x], [value], yerr=[[value - low], [high - value]], fmt="none",
+                            ecolor="#333333", elinewidth=1.0, capsize=3, zorder=4.5)
+                top = max(top, high)
             ax.text(x, value + 0.01, f"{value:.2f}", ha="center", va="bottom",
                     fontsize=8 if n <= 4 else 7, rotation=0 if n <= 4 else 90, zorder=4)
     ax.axhline(1.0, color="#9e9e9e", linewidth=0.8, linestyle="--", zorder=2)
