@@ -287,20 +287,17 @@ def _read_tables(
     for table, side in tables:
         rel = table.path.relative_to(base).as_posix()
         split = f"split {table.path.parent.name!r}" if source == "dataset_dict" else rel if len(tables) > 1 else ""
-        for start, chunk in table.chunks(needed):
-            values = {c: chunk.column(c).to_pylist() for c in needed}
-            for j, image in enumerate(values[roles.image]):
-                row = start + j
-                where = f"{table.name} row {row}"
-                name = _label(values[roles.label][j], names, where, roles.label)
-                if name is None:
-                    problems.add(split, values[roles.label][j], where)
-                if problems.found:
-                    continue  # only the labels are gathered now; the images are not checked
-                group = cell(values[roles.group][j], where, roles.group) if roles.group else None
-                is_test = split_value(values[roles.split][j], where, roles.split) if roles.split else side
-                sample_id = f"{rel}:{row}"
-                _add(samples, table, roles.image, row, image, sample_id, name, where, group, is_test, skip)
+        for row, values in table.rows(needed):
+            where = f"{table.name} row {row}"
+            name = _label(values[roles.label], names, where, roles.label)
+            if name is None:
+                problems.add(split, values[roles.label], where)
+            if problems.found:
+                continue  # only the labels are gathered now; the images are not checked
+            group = cell(values[roles.group], where, roles.group) if roles.group else None
+            is_test = split_value(values[roles.split], where, roles.split) if roles.split else side
+            _add(samples, table, roles.image, row, values[roles.image], f"{rel}:{row}", name, where, group,
+                 is_test, skip)
     if names is not None:
         problems.raise_if_any(roles.label, names)  # type: ignore[arg-type]
     samples.classes = names if names is not None else sorted(set(samples.names), key=natural)
