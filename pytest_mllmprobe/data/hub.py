@@ -241,12 +241,12 @@ class _LabelProblems:
             by_split.setdefault(split, []).append(label)
         listed = "; ".join(f"{split or 'the data'}: {labels}" for split, labels in by_split.items())
         rows = sum(count for count, _ in self.found.values())
-        first = min(self.found.values(), key=lambda v: v[1])[1]
+        first = next(iter(self.found.values()))[1]  # the first row found
         raise ConfigError(
-            f"labels not in the class list {names} (the ClassLabel names of column "
-            f"{label_column!r}, indices 0..{len(names) - 1}) on {rows} row(s), e.g. {first}: "
-            f"{listed}; -1 means 'no label' in datasets: drop those rows, or fix the labels or "
-            "the ClassLabel names"
+            f"{first}: label(s) not in the class list {names} (the ClassLabel names of column "
+            f"{label_column!r}, indices 0..{len(names) - 1}): {listed}, on {rows} row(s) in all; -1 "
+            "means 'no label' in datasets: drop those rows (ds.filter(lambda row: row['label'] >= 0)), "
+            "or fix the labels or the ClassLabel names"
         )
 
 
