@@ -101,28 +101,37 @@ def formats(folder, digits) -> dict[str, Path]:
         (jsonl / Path(name).parent).mkdir(parents=True, exist_ok=True)
         (jsonl / name).write_bytes(file.read_bytes())
     (jsonl / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "patient_id": p}) + "\n" for n, _, p in rows))
+    for i, (file, is_test) in enumerate(zip(_files(folder, digits), test)):  # imagefolder's split folders
+        target = root / "splits" / ("test" if is_test else "train") / file.parent.name / file.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(file.read_bytes())
     arrow = next((root / "saved").glob("*.arrow"))
     return {"parquet": root / "digits.parquet", "parquet-paths": root / "paths.parquet", "arrow": arrow,
             "save_to_disk": root / "saved", "dataset_dict": root / "dict", "shards": root / "shards",
-            "imagefolder-csv": folder, "imagefolder-jsonl": jsonl, "_test": test}
+            "imagefolder-csv": folder, "imagefolder-jsonl": jsonl, "split-folders": root / "splits", "_test": test}
 
 
 def _content(dataset: Dataset) -> list[tuple[str, bytes, str]]:
-    """Order-free content: (class name, RGB bytes, patient) per sample, sorted."""
+    """Order-free content: (class name, RGB bytes, patient or "") per sample, sorted."""
     groups = dataset.groups if dataset.groups is not None else [""] * len(dataset)
     return sorted((dataset.class_names[dataset.labels[i]], dataset.image(i).tobytes(), str(groups[i]))
                   for i in range(len(dataset)))
 
 
-def _expected(folder: Path, digits) -> list[tuple[str, bytes, str]]:
-    return sorted((NAMES[label], Image.open(f).convert("RGB").tobytes(), _patient(i))
-                  for i, (f, label) in enumerate(zip(_files(folder, digits), digits[1])))
+def _expected(folder: Path, digits, rows: np.ndarray | None = None, *, patients: bool = True) -> list:
+    files = _files(folder, digits)
+    rows = range(len(files)) if rows is None else rows
+    return sorted((NAMES[digits[1][i]], Image.open(files[i]).convert("RGB").tobytes(),
+                   _patient(i) if patients else "") for i in rows)
+
+
+NO_PATIENTS = ("split-folders",)  # a folder layout has no place for patient ids
 
 
 # --- every format loads the same samples -----------------------------------------------------
 
 KINDS = ["parquet", "parquet-paths", "arrow", "save_to_disk", "dataset_dict", "shards", "imagefolder-csv",
-         "imagefolder-jsonl"]
+         "imagefolder-jsonl", "split-folders"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -130,7 +139,7 @@ def test_every_hugging_face_format_loads_the_same_labels_pixels_and_patients(kin
     data = load_dataset(formats[kind])
     assert data.class_names == tuple(NAMES)  # the ClassLabel's names, in its order
     assert np.bincount(data.labels).tolist() == [PER_CLASS] * 3
-    assert _content(data) == _expected(folder, digits)
+    assert _content(data) == _expected(folder, digits, patients=kind not in NO_PATIENTS)
     assert len(set(data.ids)) == len(data)
     assert data.fingerprint == load_dataset(formats[kind]).fingerprint
 
@@ -155,23 +164,18 @@ def test_ids_name_the_file_and_row(formats) -> None:
 
 def test_splits_come_from_the_dataset_dict_the_shard_names_or_a_split_column(formats, folder, digits, tmp_path) -> None:
     test = formats["_test"]
-    expected = sorted(_content_of(folder, digits, np.flatnonzero(test)))
-    for kind in ("dataset_dict", "shards"):
+    for kind in ("dataset_dict", "shards", "split-folders"):
         data = load_dataset(formats[kind])
         assert data.predefined_split.sum() == test.sum()
-        assert sorted(_content(data.subset(np.flatnonzero(data.predefined_split)))) == expected
+        test_part = data.subset(np.flatnonzero(data.predefined_split))
+        assert _content(test_part) == _expected(folder, digits, np.flatnonzero(test), patients=kind not in NO_PATIENTS)
         train, held_out = split_indices(data, 0.5, 0)
         assert np.array_equal(held_out, np.flatnonzero(data.predefined_split))
     split = ["test" if t else "train" for t in test]
     hf_dataset(folder, digits, split=split).to_parquet(str(tmp_path / "split.parquet"))
     data = load_dataset(tmp_path / "split.parquet")
-    assert sorted(_content(data.subset(np.flatnonzero(data.predefined_split)))) == expected
+    assert _content(data.subset(np.flatnonzero(data.predefined_split))) == _expected(folder, digits, np.flatnonzero(test))
     assert load_dataset(formats["parquet"]).predefined_split is None
-
-
-def _content_of(folder: Path, digits, rows: np.ndarray) -> list[tuple[str, bytes, str]]:
-    files = _files(folder, digits)
-    return [(NAMES[digits[1][i]], Image.open(files[i]).convert("RGB").tobytes(), _patient(i)) for i in rows]
 
 
 def test_string_labels_plain_bytes_and_columns_named_in_the_yaml(folder, digits, tmp_path) -> None:
@@ -263,6 +267,15 @@ def test_imagefolder_rows_are_checked(folder, tmp_path) -> None:
     (flat / "metadata.csv").write_text("file_name,patient_id\na.png,p1\n")
     with pytest.raises(ConfigError, match="'a.png' lies in no class folder and the metadata has no 'label' column"):
         load_dataset(flat)
+
+
+def test_a_folder_of_both_tables_and_images_is_refused(formats, folder, tmp_path) -> None:
+    import shutil
+
+    root = Path(shutil.copytree(folder / "nil", tmp_path / "mixed" / "nil"))
+    shutil.copy(formats["parquet"], root.parent / "digits.parquet")
+    with pytest.raises(ConfigError, match=r"holds both parquet/arrow tables \('digits.parquet'\) and image files"):
+        load_dataset(root.parent)
 
 
 def test_without_pyarrow_a_table_names_the_extra(formats, monkeypatch) -> None:

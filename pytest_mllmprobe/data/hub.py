@@ -29,14 +29,13 @@ from typing import Any
 from ..errors import ConfigError, close_matches
 from .config import Columns
 from .dataset import Samples
-from .images import StoredImage, bytes_hash, bytes_problem, file_problem
-from .rows import TEST_VALUES, TRAIN_VALUES, cell, csv_rows, jsonl_rows, natural, split_value
+from .images import StoredImage, bytes_hash, bytes_problem, file_problem, is_image_file
+from .rows import SPLIT_NAMES, cell, csv_rows, jsonl_rows, natural, split_side, split_value
 from .tables import TABLE_SUFFIXES, Table, class_label_names, feature_type, require_pyarrow
 
 GROUP_DEFAULTS = ("group", "patient_id")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
-SPLIT_WORDS = TRAIN_VALUES + ("dev",) + TEST_VALUES
-_SPLIT_PART = re.compile(r"^(" + "|".join(SPLIT_WORDS) + r")(?=[-_.]|$)", re.IGNORECASE)
+_SPLIT_PART = re.compile(r"^(" + "|".join(SPLIT_NAMES) + r")(?=[-_.]|$)", re.IGNORECASE)
 _YAML_HINT = "in a dataset YAML (source: <this data>)"
 
 
@@ -48,9 +47,18 @@ def hub_layout(folder: Path) -> str | None:
         return "save_to_disk"
     if _metadata_files(folder):
         return "imagefolder"
-    if any(p.suffix.lower() in TABLE_SUFFIXES for p in folder.rglob("*") if p.is_file()):
-        return "tables"
-    return None
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
+    if not tables:
+        return None
+    images = [p for p in files if is_image_file(p)]
+    if images:
+        raise ConfigError(
+            f"--mllm-data {str(folder)!r} holds both parquet/arrow tables "
+            f"({str(tables[0].relative_to(folder))!r}) and image files "
+            f"({str(images[0].relative_to(folder))!r}); point --mllm-data at one of them"
+        )
+    return "tables"
 
 
 def read_hub(path: Path, columns: Columns, skip: bool) -> Samples | None:
@@ -72,12 +80,6 @@ def read_hub(path: Path, columns: Columns, skip: bool) -> Samples | None:
 
 
 # --- where the tables are ----------------------------------------------------------------
-
-def _split_word(name: str) -> bool | None:
-    """``True`` for a test split name, ``False`` for train/val, ``None`` for anything else."""
-    word = name.lower()
-    return True if word in TEST_VALUES else False if word in SPLIT_WORDS else None
-
 
 def _saved_files(folder: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     """The arrow shards of one ``save_to_disk`` folder, in order, with its dataset_info features."""
@@ -101,11 +103,11 @@ def _dataset_dict_parts(folder: Path) -> list[tuple[Path, bool | None, dict[str,
         raise ConfigError(f"{str(folder / 'dataset_dict.json')!r} lists no splits; save the DatasetDict again")
     sides = {}
     for split in map(str, splits):
-        side = _split_word(split)
+        side = split_side(split)
         if side is None:
             raise ConfigError(
                 f"DatasetDict folder {str(folder)!r}: split {split!r} is neither train nor test "
-                f"({', '.join(SPLIT_WORDS)}); point --mllm-data at one split's folder "
+                f"({', '.join(SPLIT_NAMES)}); point --mllm-data at one split's folder "
                 f"({str(folder / split)!r}), or rename the split"
             )
         sides[split] = side
@@ -119,7 +121,7 @@ def _shard_parts(folder: Path) -> list[tuple[Path, bool | None, None]]:
     sides: dict[Path, bool | None] = {}
     for file in files:
         words = [m.group(1) for part in file.relative_to(folder).parts if (m := _SPLIT_PART.match(part))]
-        sides[file] = _split_word(words[0]) if words else None
+        sides[file] = split_side(words[0]) if words else None
     named = [f for f in files if sides[f] is not None]
     if named and len(named) < len(files):
         odd = next(f for f in files if sides[f] is None)
@@ -384,7 +386,7 @@ def read_imagefolder(root: Path, wanted: Columns, skip: bool) -> Samples:
         if meta.suffix == ".csv" and meta.with_suffix(".jsonl").is_file():
             raise ConfigError(f"{str(meta.parent)!r} holds both metadata.csv and metadata.jsonl; keep one")
     read = [(meta, *(jsonl_rows if meta.suffix == ".jsonl" else csv_rows)(meta)) for meta in metas]
-    sides = {meta: _split_word(meta.parent.name) if meta.parent != root else None for meta in metas}
+    sides = {meta: split_side(meta.parent.name) if meta.parent != root else None for meta in metas}
     roles_of = {meta: _roles(f"metadata {str(meta)!r}", header, {}, wanted, image_kind="file")
                 for meta, header, _ in read}
     first = roles_of[metas[0]]

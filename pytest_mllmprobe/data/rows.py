@@ -15,6 +15,7 @@ from ..errors import ConfigError, close_matches
 
 TRAIN_VALUES = ("train", "training", "val", "valid", "validation")
 TEST_VALUES = ("test", "testing")
+SPLIT_NAMES = TRAIN_VALUES + ("dev",) + TEST_VALUES  # names of split folders, shards and DatasetDict splits
 
 
 def csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -96,3 +97,9 @@ def split_value(value: Any, where: str, column: str) -> bool:
         f"{where}: {column!r} is {value!r}{close_matches(text, TRAIN_VALUES + TEST_VALUES)}; use "
         "'train' or 'test' ('val' counts as train)"
     )
+
+
+def split_side(name: str) -> bool | None:
+    """A split's name as ``True`` (test) or ``False`` (train, val, dev); ``None`` for any other name."""
+    word = name.lower()
+    return True if word in TEST_VALUES else False if word in SPLIT_NAMES else None

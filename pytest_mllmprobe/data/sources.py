@@ -15,7 +15,7 @@ from .config import Columns, DatasetConfig, is_entry, read_config
 from .dataset import Dataset, Samples, build_dataset, subsample
 from .hub import read_hub
 from .images import DICOM_SUFFIXES, IMAGE_SUFFIXES, file_problem, is_image_file
-from .rows import cell, csv_rows, jsonl_rows, natural, split_value
+from .rows import cell, csv_rows, jsonl_rows, natural, split_side, split_value
 from .tables import TABLE_SUFFIXES
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
@@ -121,13 +121,26 @@ def _read_source(source: str, columns: Columns, skip: bool, config_file: str | N
 # --- folders -------------------------------------------------------------------------------
 
 def read_folder(root: Path, skip: bool) -> Samples:
-    """``root/<class>/<file>``: every image or DICOM file below a class folder is a sample."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    samples = Samples(root=str(root), source="folder", classes=classes, class_word="class folder")
-    files_by_class = {
-        name: sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
-        for name in classes
-    }
+    """``root/<class>/<file>``: every image or DICOM file below a class folder is a sample.
+
+    Split folders above the class folders (``root/train/<class>/<file>``, ``root/test/...``, as
+    Hugging Face's ``imagefolder`` lays them out) give a predefined split, not classes.
+    """
+    tops = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    sides = {name: split_side(name) for name in tops}
+    if None not in sides.values() and {True, False} <= set(sides.values()):
+        parts = [(f"{top}/", root / top, sides[top]) for top in tops]
+    else:
+        parts = [("", root, None)]
+    samples = Samples(root=str(root), source="folder", class_word="class folder",
+                      is_test=[] if parts[0][2] is not None else None)
+    files_by_class: dict[tuple[str, str], list[Path]] = {}
+    for prefix, folder, _ in parts:
+        for name in sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files_by_class[prefix, name] = sorted(
+                p for p in (folder / name).rglob("*") if p.is_file() and is_image_file(p)
+            )
+    samples.classes = sorted({name for _, name in files_by_class})
     if not any(files_by_class.values()):
         loose = [p.name for p in root.iterdir() if p.is_file() and is_image_file(p)]
         hint = f" ({len(loose)} image(s) lie directly in it: move them into class folders)" if loose else ""
@@ -135,14 +148,15 @@ def read_folder(root: Path, skip: bool) -> Samples:
             f"--mllm-data {str(root)!r} holds no images{hint}; expected data/<class>/<image> with "
             f"image files ({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)}) in at least two class folders"
         )
-    for name, files in files_by_class.items():
+    side = {prefix: is_test for prefix, _, is_test in parts}
+    for (prefix, name), files in files_by_class.items():
         for file in files:
             rel = file.relative_to(root).as_posix()
             problem = file_problem(file, decode=skip)
             if problem:
                 samples.bad(rel, f"--mllm-data {str(root)!r}", problem, skip)
                 continue
-            samples.add(rel, name, f"{str(root)!r}: {rel}", path=str(file))
+            samples.add(rel, name, f"{str(root)!r}: {rel}", path=str(file), is_test=side[prefix])
     return samples
 
 
