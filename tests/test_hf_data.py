@@ -269,6 +269,20 @@ def test_imagefolder_rows_are_checked(folder, tmp_path) -> None:
         load_dataset(flat)
 
 
+def test_a_corrupt_table_image_fails_or_is_skipped_and_recorded(folder, digits, tmp_path) -> None:
+    from pytest_mllmprobe.data.images import SKIP_HINT
+
+    whole = hf_dataset(folder, digits)
+    broken = whole.map(lambda row, i: {"image": {"bytes": b"not a png", "path": None}} if i == 5 else row,
+                       with_indices=True, features=whole.features)
+    broken.to_parquet(str(tmp_path / "broken.parquet"))
+    with pytest.raises(ConfigError, match=r"broken.parquet' row 5: cannot read image 'broken.parquet:5'") as error:
+        load_dataset(tmp_path / "broken.parquet")
+    assert SKIP_HINT in str(error.value)
+    data = load_dataset(tmp_path / "broken.parquet", skip_bad_images=True)
+    assert [sample_id for sample_id, _ in data.skipped] == ["broken.parquet:5"] and len(data) == 3 * PER_CLASS - 1
+
+
 def test_a_folder_of_both_tables_and_images_is_refused(formats, folder, tmp_path) -> None:
     import shutil
 
