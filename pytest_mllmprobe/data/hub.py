@@ -88,9 +88,9 @@ def _saved_files(folder: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     files = [folder / n for n in names if n] or sorted(folder.glob("*.arrow"))
     missing = [f.name for f in files if not f.is_file()]
     if not files or missing:
+        lost = f"state.json lists arrow file(s) {missing} that are not there" if missing else "it holds no arrow file"
         raise ConfigError(
-            f"save_to_disk folder {str(folder)!r}: state.json lists arrow file(s) "
-            f"{missing or names} that are not there; save the dataset again with save_to_disk"
+            f"save_to_disk folder {str(folder)!r}: {lost}; save the dataset again with save_to_disk"
         )
     info = folder / "dataset_info.json"
     features = _json(info).get("features") if info.is_file() else None
