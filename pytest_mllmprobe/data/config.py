@@ -1,13 +1,14 @@
-"""The dataset YAML: a source plus class names, display names, prompt and manifest columns.
+"""The dataset YAML: a source plus class names, display names, prompt and column names.
 
 .. code-block:: yaml
 
-    source: labels.csv              # folder, .csv/.jsonl, .npz, or module:function
+    source: labels.csv              # folder, .csv/.jsonl, .npz, .parquet/.arrow, or module:function
     class_names: [normal, benign, malignant]   # order and subset (a mapping also renames)
     display_names: {normal: "no lesion"}       # the names the prompt lists
     prompt: "Which finding is shown? Options: {options}."
     group_column: patient_id         # manifest columns (defaults: path, label, group, split)
     split_column: fold
+    image_column: img                # parquet/arrow/save_to_disk tables (default: image)
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from ..errors import ConfigError, close_matches
 
 KEYS = (
     "source", "class_names", "display_names", "prompt",
-    "path_column", "label_column", "group_column", "split_column", "ignore_columns",
+    "path_column", "image_column", "label_column", "group_column", "split_column", "ignore_columns",
 )
-COLUMN_KEYS = ("path_column", "label_column", "group_column", "split_column", "ignore_columns")
+COLUMN_KEYS = ("path_column", "image_column", "label_column", "group_column", "split_column", "ignore_columns")
 ENTRY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass(frozen=True)
 class Columns:
-    """Manifest column names; ``explicit`` lists those the YAML set (they must exist)."""
+    """Column names of manifests and tables; ``explicit`` lists those the YAML set (they must exist)."""
 
     path: str = "path"
+    image: str = "image"
     label: str = "label"
     group: str = "group"
     split: str = "split"
@@ -88,8 +90,8 @@ def read_config(path: str | Path) -> DatasetConfig:
     source = raw.get("source")
     if not isinstance(source, str) or not source.strip():
         raise ConfigError(
-            f"{where}: 'source' is required and must name a folder, a .csv/.jsonl manifest, an .npz "
-            "or module:function (paths relative to the YAML file)"
+            f"{where}: 'source' is required and must name a folder, a .csv/.jsonl manifest, an .npz, "
+            "a .parquet/.arrow file or module:function (paths relative to the YAML file)"
         )
     source = source.strip()
     if not is_entry(source):
@@ -143,7 +145,7 @@ def _names(value: Any, where: str) -> list[str] | dict[str, str]:
 
 def _columns(raw: dict[str, Any], where: str) -> Columns:
     values: dict[str, Any] = {}
-    for key in ("path_column", "label_column", "group_column", "split_column"):
+    for key in ("path_column", "image_column", "label_column", "group_column", "split_column"):
         if key in raw:
             values[key.removesuffix("_column")] = _text(raw[key], f"{where}: {key}")
     ignore = raw.get("ignore_columns", ())

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, close_matches
-from .images import SKIP_HINT, file_hash, load_image, memory_hash, quick_file_hash, to_rgb
+from .images import SKIP_HINT, StoredImage, file_hash, load_image, memory_hash, quick_file_hash, to_rgb
 
 
 class DataWarning(UserWarning):
@@ -24,8 +24,9 @@ class Dataset:
     """Images with integer labels into ``class_names``.
 
     A sample is a file (``paths[i]``) or, for ``.npz`` and Python sources, an in-memory image
-    (``in_memory[i]``: a PIL image or numpy array, with ``paths[i] == ""``). :meth:`image` reads
-    either as RGB. ``ids`` are stable sample ids used in results and baselines: paths relative
+    (``in_memory[i]``: a PIL image or numpy array, with ``paths[i] == ""``), or, for parquet and
+    arrow tables, a :class:`~.images.StoredImage` read from its table on demand. :meth:`image`
+    reads any of them as RGB. ``ids`` are stable sample ids used in results and baselines: paths relative
     to the folder or manifest, ``npz:test:12``, ``entry:5``.
 
     ``groups`` (patient ids) keep a patient's images on one side of every split;
@@ -57,6 +58,8 @@ class Dataset:
     def image(self, index: int):
         """Sample ``index`` as an RGB PIL image."""
         if self.in_memory is not None and self.in_memory[index] is not None:
+            if isinstance(self.in_memory[index], StoredImage):
+                return self.in_memory[index].load(f"sample {self.ids[index]!r} of {self.root!r}")
             try:
                 return to_rgb(self.in_memory[index])
             except ValueError as exc:

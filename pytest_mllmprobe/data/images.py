@@ -17,6 +17,8 @@ Conversion rules (also in ``docs/data.md``):
 from __future__ import annotations
 
 import hashlib
+import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,56 @@ def file_problem(path: str | Path, *, decode: bool = False) -> str | None:
     return None
 
 
+class StoredImage:
+    """An encoded image (PNG, JPEG ...) inside a table file, read only when asked for.
+
+    ``read(row)`` returns the encoded bytes of row ``row`` (the table reader keeps one record
+    batch at a time); ``digest`` is :func:`bytes_hash` of those bytes, taken when the source was
+    checked at load time, so hashing a dataset reads nothing again.
+    """
+
+    __slots__ = ("read", "row", "digest")
+
+    def __init__(self, read: Callable[[int], bytes], row: int, digest: str) -> None:
+        self.read = read
+        self.row = row
+        self.digest = digest
+
+    def load(self, where: str):
+        """The image as RGB; :class:`ConfigError` naming ``where`` when it cannot be decoded."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(self.read(self.row))) as image:
+                image.load()
+                return to_rgb(image)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ConfigError(
+                f"{where}: cannot decode image: {exc}; remove or replace it, or skip unreadable "
+                f"images with {SKIP_HINT}"
+            ) from exc
+
+
+def bytes_problem(data: bytes, *, decode: bool = False) -> str | None:
+    """:func:`file_problem` for encoded image bytes held in a table."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        if decode:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken data
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def bytes_hash(data: bytes) -> str:
+    """:func:`file_hash` of bytes held in memory: equal for the same image in a file or a table."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def file_hash(path: str | Path) -> str:
     """Hash of a file's bytes: equal for byte-identical copies."""
     digest = hashlib.blake2b(digest_size=16)
@@ -177,9 +229,11 @@ def quick_file_hash(path: str | Path, chunk: int = 8192) -> str:
 
 
 def memory_hash(image: Any) -> str:
-    """Hash of an in-memory image's pixels, shape and dtype/mode."""
+    """Hash of an in-memory image's pixels, shape and dtype/mode (a table image: its bytes)."""
     from PIL import Image
 
+    if isinstance(image, StoredImage):
+        return image.digest
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(image, Image.Image):
         digest.update(f"{image.mode}{image.size}".encode())

@@ -1,30 +1,29 @@
 """Sources on disk: :func:`load_dataset` (the one entry point), image/DICOM folders, manifests.
 
-``.npz`` archives and ``module:function`` entries live in :mod:`.arrays`; the dataset YAML in
-:mod:`.config`. Every source becomes :class:`~.dataset.Samples`, then a :class:`Dataset` through
+``.npz`` archives and ``module:function`` entries live in :mod:`.arrays`; Hugging Face formats
+in :mod:`.hub`; the dataset YAML in :mod:`.config`. Every source becomes :class:`~.dataset.Samples`, then a :class:`Dataset` through
 :func:`~.dataset.build_dataset`, which applies the class names and the shared checks.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError, close_matches
 from .arrays import read_entry, read_npz
 from .config import Columns, DatasetConfig, is_entry, read_config
 from .dataset import Dataset, Samples, build_dataset, subsample
+from .hub import read_hub
 from .images import DICOM_SUFFIXES, IMAGE_SUFFIXES, file_problem, is_image_file
+from .rows import cell, csv_rows, jsonl_rows, natural, split_side, split_value
+from .tables import TABLE_SUFFIXES
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 KINDS = (
     "a folder laid out as data/<class>/<image> (images or DICOM), a .csv/.tsv/.jsonl manifest, "
-    "a MedMNIST-style .npz, a dataset .yaml, or module:function"
+    "a MedMNIST-style .npz, a .parquet/.arrow file, a Hugging Face save_to_disk or imagefolder "
+    "folder, a dataset .yaml, or module:function"
 )
-TRAIN_VALUES = ("train", "training", "val", "valid", "validation")
-TEST_VALUES = ("test", "testing")
 
 
 def load_dataset(
@@ -89,9 +88,17 @@ def _read_source(source: str, columns: Columns, skip: bool, config_file: str | N
         shown = Path(source).name if config_file else source
         path = _existing(source, f"dataset file {config_file!r}: source {shown!r}" if config_file else None)
         suffix = path.suffix.lower()
-        if path.is_dir():
+        if path.is_dir() or suffix in TABLE_SUFFIXES:
+            hub = read_hub(path, columns, skip)
+            if hub is not None:
+                return hub
             samples = read_folder(path, skip)
         elif suffix in MANIFEST_SUFFIXES:
+            if "image_column" in columns.explicit:
+                raise ConfigError(
+                    f"dataset file {config_file!r}: image_column applies to parquet/arrow tables; "
+                    "a manifest names its image files in path_column"
+                )
             return read_manifest(path, columns, skip)
         elif suffix == ".npz":
             samples = read_npz(path, skip)
@@ -105,7 +112,8 @@ def _read_source(source: str, columns: Columns, skip: bool, config_file: str | N
     if columns.explicit:
         raise ConfigError(
             f"dataset file {config_file!r}: {columns.explicit[0]} applies to .csv/.jsonl manifests "
-            f"only, and source {source!r} is not one; remove it"
+            f"and Hugging Face tables and metadata only, and source {source!r} is none of them; "
+            "remove it"
         )
     return samples
 
@@ -113,13 +121,26 @@ def _read_source(source: str, columns: Columns, skip: bool, config_file: str | N
 # --- folders -------------------------------------------------------------------------------
 
 def read_folder(root: Path, skip: bool) -> Samples:
-    """``root/<class>/<file>``: every image or DICOM file below a class folder is a sample."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    samples = Samples(root=str(root), source="folder", classes=classes, class_word="class folder")
-    files_by_class = {
-        name: sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
-        for name in classes
-    }
+    """``root/<class>/<file>``: every image or DICOM file below a class folder is a sample.
+
+    Split folders above the class folders (``root/train/<class>/<file>``, ``root/test/...``, as
+    Hugging Face's ``imagefolder`` lays them out) give a predefined split, not classes.
+    """
+    tops = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    sides = {name: split_side(name) for name in tops}
+    if None not in sides.values() and {True, False} <= set(sides.values()):
+        parts = [(f"{top}/", root / top, sides[top]) for top in tops]
+    else:
+        parts = [("", root, None)]
+    samples = Samples(root=str(root), source="folder", class_word="class folder",
+                      is_test=[] if parts[0][2] is not None else None)
+    files_by_class: dict[tuple[str, str], list[Path]] = {}
+    for prefix, folder, _ in parts:
+        for name in sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files_by_class[prefix, name] = sorted(
+                p for p in (folder / name).rglob("*") if p.is_file() and is_image_file(p)
+            )
+    samples.classes = sorted({name for _, name in files_by_class})
     if not any(files_by_class.values()):
         loose = [p.name for p in root.iterdir() if p.is_file() and is_image_file(p)]
         hint = f" ({len(loose)} image(s) lie directly in it: move them into class folders)" if loose else ""
@@ -127,83 +148,24 @@ def read_folder(root: Path, skip: bool) -> Samples:
             f"--mllm-data {str(root)!r} holds no images{hint}; expected data/<class>/<image> with "
             f"image files ({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)}) in at least two class folders"
         )
-    for name, files in files_by_class.items():
+    side = {prefix: is_test for prefix, _, is_test in parts}
+    for (prefix, name), files in files_by_class.items():
         for file in files:
             rel = file.relative_to(root).as_posix()
             problem = file_problem(file, decode=skip)
             if problem:
                 samples.bad(rel, f"--mllm-data {str(root)!r}", problem, skip)
                 continue
-            samples.add(rel, name, f"{str(root)!r}: {rel}", path=str(file))
+            samples.add(rel, name, f"{str(root)!r}: {rel}", path=str(file), is_test=side[prefix])
     return samples
 
 
 # --- manifests -----------------------------------------------------------------------------
 
-def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return [], []
-        header = [h.strip() for h in header]
-        rows = []
-        for values in reader:
-            if not any(v.strip() for v in values):
-                continue
-            if len(values) != len(header):
-                raise ConfigError(
-                    f"manifest {str(path)!r} line {reader.line_num}: {len(values)} fields but the "
-                    f"header has {len(header)} ({', '.join(header)}); fix the row (quote values "
-                    "that hold the delimiter)"
-                )
-            rows.append((reader.line_num, dict(zip(header, (v.strip() for v in values)))))
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise ConfigError(f"manifest {str(path)!r}: the header names column {dupes[0]!r} twice; rename one")
-    return header, rows
-
-
-def _jsonl_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    columns: dict[str, None] = {}
-    rows = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"manifest {str(path)!r} line {number} is not valid JSON ({exc.msg}); write one "
-                    'object per line, e.g. {"path": "a.png", "label": "benign"}'
-                ) from None
-            if not isinstance(row, dict):
-                raise ConfigError(
-                    f"manifest {str(path)!r} line {number}: expected a JSON object, got "
-                    f"{type(row).__name__}"
-                )
-            columns.update(dict.fromkeys(row))
-            rows.append((number, row))
-    return list(columns), rows
-
-
-def _cell(value: Any, where: str, column: str, *, numbers: bool = True) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-        ok = False
-    else:
-        ok = isinstance(value, str) or (numbers and isinstance(value, (int, float)))
-    text = str(value).strip() if ok else ""
-    if not text:
-        raise ConfigError(f"{where}: {column!r} is empty or not a string ({value!r}); fill it in")
-    return text
-
-
 def read_manifest(path: Path, columns: Columns, skip: bool) -> Samples:
     """A CSV/TSV/JSONL manifest: one row per image, paths relative to the manifest's folder."""
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
-    header, rows = (_jsonl_rows if jsonl else _csv_rows)(path)
+    header, rows = (jsonl_rows if jsonl else csv_rows)(path)
     name = f"manifest {str(path)!r}"
     if not rows:
         raise ConfigError(
@@ -225,8 +187,8 @@ def read_manifest(path: Path, columns: Columns, skip: bool) -> Samples:
         for column in (columns.path, columns.label):
             if column not in row:
                 raise ConfigError(f"{where}: no {column!r}; every row needs {columns.path!r} and {columns.label!r}")
-        text = _cell(row[columns.path], where, columns.path, numbers=False)
-        label = _cell(row[columns.label], where, columns.label)
+        text = cell(row[columns.path], where, columns.path, numbers=False)
+        label = cell(row[columns.label], where, columns.label)
         if isinstance(row[columns.label], float) and float(row[columns.label]).is_integer():
             label = str(int(row[columns.label]))
         file = Path(text).expanduser()
@@ -245,20 +207,16 @@ def read_manifest(path: Path, columns: Columns, skip: bool) -> Samples:
                 f"{where}: {text!r} is already listed on line {seen[sample_id]}; list each image once"
             )
         seen[sample_id] = number
-        group = _cell(row.get(columns.group), where, columns.group) if has_group else None
-        is_test = _split_value(row.get(columns.split), where, columns.split) if has_split else None
+        group = cell(row.get(columns.group), where, columns.group) if has_group else None
+        is_test = split_value(row.get(columns.split), where, columns.split) if has_split else None
         labels.add(label)
         problem = file_problem(file, decode=skip)
         if problem:
             samples.bad(sample_id, where, problem, skip)
             continue
         samples.add(sample_id, label, where, path=str(file), group=group, is_test=is_test)
-    samples.classes = sorted(labels, key=_natural)
+    samples.classes = sorted(labels, key=natural)
     return samples
-
-
-def _natural(label: str) -> tuple[int, Any]:
-    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)  # type: ignore[return-value]
 
 
 def _check_columns(name: str, header: list[str], columns: Columns) -> None:
@@ -285,18 +243,6 @@ def _check_columns(name: str, header: list[str], columns: Columns) -> None:
                 f"(patient id) and {columns.split!r} (train/test): rename it, or list it under "
                 "ignore_columns (or name it as group_column/split_column) in a dataset YAML"
             )
-
-
-def _split_value(value: Any, where: str, column: str) -> bool:
-    text = _cell(value, where, column, numbers=False).lower()
-    if text in TEST_VALUES:
-        return True
-    if text in TRAIN_VALUES:
-        return False
-    raise ConfigError(
-        f"{where}: {column!r} is {value!r}{close_matches(text, TRAIN_VALUES + TEST_VALUES)}; use "
-        "'train' or 'test' ('val' counts as train)"
-    )
 
 
 __all__ = ["load_dataset", "load_image_folder", "read_folder", "read_manifest"]
