@@ -6,7 +6,7 @@
 Every picture comes from a real run of the bundled demo model (trained, healthy), of a copy
 with one stage damaged on purpose (tests/faults.py), or of an untrained tiny model:
 
-    healthy.png                     the bundled demo
+    healthy.png                     the bundled demo, with its random-init twin
     vision-quality-limitation.png   a random-init tiny LLaVA: the vision encoder never separates
     connector-fidelity-loss.png     the projector's output layer cut to rank 1
     comprehension-deficit.png       one weight of the middle decoder layer set to inf
@@ -44,11 +44,11 @@ def runs(work: Path) -> dict[str, dict]:
     from pytest_mllmprobe.demo.tiny import save_model, tiny_llava
     from tests.faults import build_faulty
 
-    def one(model: str, data: str | None = None) -> dict:
-        results = run(model, data=data).to_dict()
+    def one(model: str, data: str | None = None, **options: object) -> dict:
+        results = run(model, data=data, **options).to_dict()
         return next(iter(results["models"].values()))
 
-    models = {"healthy": one("demo")}
+    models = {"healthy": one("demo", controls=("random-init",))}  # with its random-init twin
     model, processor = tiny_llava("llava", seed=0)
     path = save_model(model, processor, work / "random-init")
     models["vision-quality-limitation"] = one(str(path), str(DEMO_DATA))

@@ -29,12 +29,12 @@ def test_default_loads_with_documented_values():
     assert rules.files == (DEFAULT,)
     t = rules.for_model("demo", "demo")
     assert t.metric == "accuracy"
-    assert t.locus == th.LocusRule(0.10, None, f"{DEFAULT}: locus")
+    assert t.locus == th.LocusRule(0.10, None, f"{DEFAULT}: locus", 0.05)
     assert t.loci == ()
     assert t.stages == {
-        "vision": {"min_fhs": None, "min_end_above_chance": 0.20},
-        "connector": {"min_keep": 0.90},
-        "llm": {"min_keep": 0.90, "min_fhs_ratio": 0.80},
+        "vision": {"min_fhs": None, "min_end_above_chance": 0.20, "min_dip_ratio": 0.75, "min_selectivity": None},
+        "connector": {"min_keep": 0.90, "min_selectivity": None},
+        "llm": {"min_keep": 0.90, "min_fhs_ratio": 0.80, "min_dip_ratio": 0.80, "min_selectivity": None},
         "answer": {"min_keep": 0.80},
     }
     assert t.stage_source("llm", "min_fhs_ratio") == f"{DEFAULT}: stages.llm.min_fhs_ratio"
@@ -105,7 +105,8 @@ def test_user_file_changes_only_its_keys_and_later_file_wins(tmp_path):
     assert t.stage_source("llm", "min_keep") == f"{b}: stages.llm.min_keep"
     assert t.stage_source("connector", "min_keep") == f"{a}: stages.connector.min_keep"
     assert t.locus.min_above_chance == 0.10 and t.locus.floor == 0.3
-    assert t.locus.source == f"min_above_chance from {DEFAULT}: locus; floor from {b}: locus"
+    assert t.locus.source == (f"min_above_chance from {DEFAULT}: locus; floor from {b}: locus; "
+                              f"min_selectivity from {DEFAULT}: locus")
     # the other order gives the other answer
     assert th.load_thresholds([b, a]).for_model("demo", "demo").stage("llm", "min_keep") == 0.6
 
@@ -226,12 +227,16 @@ LOCI = """
 def test_for_locus_applies_every_matching_glob_in_order(tmp_path):
     f = write(tmp_path, "l.yaml", LOCI)
     t = th.load_thresholds([f]).for_model("other", "other")
-    assert t.for_locus("llm.3.image") == th.LocusRule(0.1, None, f"{f}: locus")
+    assert t.for_locus("llm.3.image") == th.LocusRule(
+        0.1, None, f"min_above_chance from {f}: locus; floor from {f}: locus; min_selectivity from {DEFAULT}: locus",
+        0.05)
     assert t.for_locus("vision.3") == th.LocusRule(0.0, None, (
-        f'min_above_chance from {f}: loci["vision.*"]; floor from {f}: locus'))
+        f'min_above_chance from {f}: loci["vision.*"]; floor from {f}: locus; '
+        f'min_selectivity from {DEFAULT}: locus'), 0.05)
     r = t.for_locus("vision.12")
     assert (r.min_above_chance, r.floor) == (0.5, 0.6)
-    assert r.source == f'min_above_chance from {f}: loci["vision.12"]; floor from {f}: loci["vision.1*"]'
+    assert r.source == (f'min_above_chance from {f}: loci["vision.12"]; floor from {f}: loci["vision.1*"]; '
+                        f'min_selectivity from {DEFAULT}: locus')
     assert t.for_locus("vision.2").floor is None
     assert t.for_locus("Vision.3").min_above_chance == 0.1  # globs are case-sensitive
 
