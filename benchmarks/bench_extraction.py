@@ -59,9 +59,11 @@ def _plan(args: argparse.Namespace) -> Any:
     from pytest_mllmprobe.engine import plan
     from pytest_mllmprobe.settings import Settings
 
+    # One split and no control task or intervals: the naive reference fits one probe per locus,
+    # so the engine does too; the default's folds and controls are priced by bench_seed_spread.py.
     return plan(Settings(
         models=(args.model,), data=args.data, max_samples=args.images, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, folds=1, permutations=0, bootstrap=0,
     ))
 
 

@@ -56,7 +56,8 @@ def entry_from_result(result: ModelResult, data: dict[str, Any], settings: dict[
         "loci_names": list(result.loci),
         "metric": result.metric,
         "class_names": list(result.class_names),
-        "data": {"fingerprint": data["fingerprint"], "test_ids": list(data["test_ids"])},
+        "data": {"fingerprint": data["fingerprint"], "test_ids": list(data["test_ids"]),
+                 "fold_of": list(data.get("fold_of") or [])},
         "settings": {k: settings[k] for k in SETTINGS_KEPT if k in settings},
         "loci": {
             name: {
@@ -115,7 +116,8 @@ def load_baseline(path: str | os.PathLike[str], flag: str = "--mllm-baseline") -
 
 def check_compatible(entry: dict[str, Any] | None, label: str, path: str, *, fingerprint: str,
                      test_ids: list[str], loci: tuple[str, ...], class_names: list[str],
-                     settings: dict[str, Any] | None = None, metric: str | None = None) -> None:
+                     settings: dict[str, Any] | None = None, metric: str | None = None,
+                     fold_of: list[int] | None = None) -> None:
     """Raise ConfigError when a baseline entry was measured on other data, split, architecture,
     probe, answer mode or metric: comparing them would report differences that are not regressions."""
     fix = "re-create it with --mllm-update-baseline if this change is intended"
@@ -127,7 +129,8 @@ def check_compatible(entry: dict[str, Any] | None, label: str, path: str, *, fin
             f"fingerprint {entry['data']['fingerprint']} with classes {entry['class_names']}, now "
             f"{fingerprint} with {class_names}); {fix}"
         )
-    if entry["data"]["test_ids"] != test_ids:
+    folds_then = entry["data"].get("fold_of") or []
+    if entry["data"]["test_ids"] != test_ids or (fold_of is not None and folds_then and folds_then != fold_of):
         raise ConfigError(
             f"--mllm-baseline {path!r}: model {label!r} was measured on another train/test split "
             f"(check --mllm-seed, --mllm-folds, --mllm-test-size and --mllm-max-samples against the "

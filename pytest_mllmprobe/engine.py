@@ -354,7 +354,7 @@ class ModelRun:
             features.loci, self.dataset.labels, self.plan.folds, self.plan.test,
             kind=self.settings.probe, seed=self.settings.probe_seed,
             device=str(pick_device(self.settings.device)), timings=self.timings,
-            permutations=self.settings.permutations,
+            permutations=self.settings.control_permutations,
         )
         self.timings["probe_s"] = time.perf_counter() - start
         return probed
@@ -406,7 +406,7 @@ class ModelRun:
             "bootstrap_resamples": n_resamples, "unit": "patient" if units is not None else "image",
             "n_units": int(len(set(units.tolist())) if units is not None else len(y_test)),
             "confidence": 0.95, "method": "percentile bootstrap (scipy.stats.bootstrap)",
-            "permutations": self.settings.permutations,
+            "permutations": self.settings.control_permutations,
         }
         self.stage_intervals = {}
         if n_resamples < 1:
@@ -519,7 +519,7 @@ class Evaluator:
                     continue
                 check_compatible(
                     self.baseline["models"].get(model.spec.label), model.spec.label, settings.baseline,
-                    fingerprint=summary["fingerprint"], test_ids=summary["test_ids"],
+                    fingerprint=summary["fingerprint"], test_ids=summary["test_ids"], fold_of=summary["fold_of"],
                     loci=model.loci, class_names=list(the_plan.dataset.class_names),
                     settings=settings.to_dict(), metric=model.thresholds.metric,
                 )
@@ -598,6 +598,12 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
     return Results(models=results, settings=settings.to_dict(), data=data_summary(the_plan))
 
 
+def fold_of(the_plan: Plan) -> list[int]:
+    """The fold that tested each test image, in test order (all 0 for one split)."""
+    where = {int(i): n for n, (_, fold_test) in enumerate(the_plan.folds) for i in fold_test}
+    return [where[int(i)] for i in the_plan.test]
+
+
 def power_report(settings: Settings, drop: float) -> list[str]:
     """``--mllm-power DROP``: for the data at hand (its split or folds, its patients), the
     smallest drop a comparison can detect and the test units ``drop`` needs, at a few accuracies
@@ -649,6 +655,7 @@ def data_summary(the_plan: Plan) -> dict[str, Any]:
         "seed": the_plan.settings.seed,
         "test_ids": [dataset.ids[i] for i in the_plan.test],
         "folds": len(the_plan.folds),
+        "fold_of": fold_of(the_plan),
         "grouped": dataset.groups is not None,
         "predefined_split": dataset.predefined_split is not None,
         "skipped": [list(s) for s in dataset.skipped],

@@ -246,7 +246,7 @@ def uncertainty_line(result: Any) -> str | None:
     if info.get("bootstrap_resamples"):
         said.append(f"[95% intervals: bootstrap over {info['n_units']} test {info['unit']}s, "
                     f"{info['bootstrap_resamples']} resamples, {result.timings.get('bootstrap_s', 0.0):.2f} s]")
-    if info.get("permutations"):
+    if info.get("permutations"):  # (none: --mllm-permutations 0, or the MLP probe's default)
         said.append(f"[controls: {info['permutations']} permuted-label probes per locus, fitted with the probes "
                     f"({result.timings.get('probe_s', 0.0):.1f} s in all)]")
     return " ".join(said) or None

@@ -353,9 +353,14 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     settings = config.stash.get(_Keys.settings, None)
     if settings is None:
         return None
+    if settings.folds == 1:
+        split = f"test_size={settings.test_size}"
+    else:
+        split = f"folds={settings.folds or 'auto'}"
     return [
         f"mllmprobe: models={', '.join(settings.models)} data={settings.data or 'bundled demo'} "
-        f"probe={settings.probe} test_size={settings.test_size} seed={settings.seed}"
+        f"probe={settings.probe} {split} seed={settings.seed} bootstrap={settings.bootstrap} "
+        f"permutations={settings.control_permutations}" + (f" controls={','.join(settings.controls)}" if settings.controls else "")
     ]
 
 

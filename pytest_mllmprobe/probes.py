@@ -470,11 +470,7 @@ def cross_fit(
     folds = list(folds)
     label_sets = [np.concatenate([labels[train][None], permuted_labels(labels[train], permutations, seed, number)])
                   for number, (train, _) in enumerate(folds)]
-    if kind == "linear":
-        fitted_folds = _linear_folds(usable, labels, folds, label_sets, device)
-    else:
-        fitted_folds = [fit_predict_sets(usable, labels, sets, train, fold_test, kind=kind, seed=seed, device=device)
-                        for sets, (train, fold_test) in zip(label_sets, folds)]
+    fitted_folds = fit_folds(usable, labels, folds, label_sets, kind=kind, seed=seed, device=device)
     for (train, fold_test), fitted in zip(folds, fitted_folds):
         majority = one_hot(np.full(len(fold_test), np.bincount(labels[train], minlength=k).argmax()), k)
         where = [position[int(i)] for i in fold_test]
@@ -484,6 +480,17 @@ def cross_fit(
         name: OutOfFold(proba[name][0], finite[name], proba[name][1:] if permutations else None)
         for name in features
     }
+
+
+def fit_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: list[Any], label_sets: list[np.ndarray],
+              *, kind: str, seed: int, device: str) -> list[dict[str, np.ndarray]]:
+    """Every fold's probes for every label set, fitted on ``device``: per fold, ``[S, n_test, K]``
+    per locus. Linear probes of all folds are one batch; MLP and sklearn probes go fold by fold,
+    set by set (an MLP's weights for every set at once would not fit in memory at a real scale)."""
+    if kind == "linear":
+        return _linear_folds(features, labels, folds, label_sets, device)
+    return [fit_predict_sets(features, labels, sets, train, fold_test, kind=kind, seed=seed, device=device)
+            for sets, (train, fold_test) in zip(label_sets, folds)]
 
 
 def _linear_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: list[Any],

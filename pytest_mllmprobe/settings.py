@@ -55,7 +55,9 @@ class Settings:
     cache_dir: str | None = None
     skip_bad_images: bool = False
     bootstrap: int = DEFAULT_BOOTSTRAP
-    permutations: int = DEFAULT_PERMUTATIONS
+    #: label permutations of the control task; ``None``: DEFAULT_PERMUTATIONS for the linear
+    #: probe, none for the MLP (each permutation is one more MLP training per fold)
+    permutations: int | None = None
     controls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -82,7 +84,7 @@ class Settings:
             )
         if self.bootstrap < 0:
             raise ConfigError(f"--mllm-bootstrap {self.bootstrap} must be 0 (no intervals) or a number of resamples, e.g. 1000")
-        if self.permutations < 0:
+        if self.permutations is not None and self.permutations < 0:
             raise ConfigError(f"--mllm-permutations {self.permutations} must be 0 (no control task) or a number, e.g. 19")
         unknown = sorted(set(self.controls) - set(CONTROLS))
         if unknown:
@@ -95,6 +97,13 @@ class Settings:
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ConfigError(f"--mllm-device {device!r} is not a device; use {DEVICE_HINT}")
+
+    @property
+    def control_permutations(self) -> int:
+        """The permutations this run fits: as asked, else the probe's default."""
+        if self.permutations is not None:
+            return self.permutations
+        return DEFAULT_PERMUTATIONS if self.probe == "linear" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -62,7 +62,8 @@ def test_a_python_entry_gives_the_same_numbers_as_the_folder(lesions, from_folde
     root, images = lesions
     (root / "lesion_entry.py").write_text(
         "from pytest_mllmprobe.demo.synth import make_images\n"
-        f"def load():\n    pairs = make_images({N_PER_CLASS}, seed=11)\n"
+        # in the folder's order (class by class), so that the folds hold the same images
+        f"def load():\n    pairs = sorted(make_images({N_PER_CLASS}, seed=11), key=lambda pair: pair[1])\n"
         "    return [im for im, _ in pairs], [name for _, name in pairs]\n"
     )
     monkeypatch.syspath_prepend(str(root))

@@ -85,8 +85,8 @@ def test_baseline_workflow(pytester: pytest.Pytester) -> None:
     doc = json.loads(baseline.read_text())
     assert doc["format"] == FORMAT and doc["version"] == VERSION and "torch" in doc["versions"]
     entry = doc["models"]["demo"]
-    assert len(entry["data"]["test_ids"]) == 45 and entry["data"]["fingerprint"]
-    assert len(entry["loci"]["connector"]["correct"]) == 45
+    assert len(entry["data"]["test_ids"]) == 150 and entry["data"]["fingerprint"]
+    assert len(entry["loci"]["connector"]["correct"]) == 150
     assert sorted(p.name for p in baseline.parent.iterdir()) == ["baseline.json"]  # no temp files
 
     same = _pytest(pytester, f"--mllm-baseline={baseline}")
@@ -165,17 +165,18 @@ def test_a_regression_is_a_failing_test_with_its_figures(pytester: pytest.Pytest
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([
         "model * stage * locus * metric * value * threshold * baseline * delta * p * rule",
-        "*FAIL vs model 'demo': P_final 0.000 vs 1.000*McNemar p = *",
+        "*FAIL vs model 'demo': P_final 0.0?? vs 0.9??*McNemar p = *",
     ])
     case = next(c for c in ET.parse(report).getroot().iter("testcase")
                 if c.get("name") == "stage.answer" and c.get("classname") == "mllm.permuted-answer")
     props = {p.get("name"): p.get("value") for p in case.find("properties")}
-    assert float(props["baseline"]) == 1.0 and float(props["p_value"]) < 0.05
+    assert float(props["baseline"]) > 0.9 and float(props["p_value"]) < 0.05
     assert props["regressed"] == "True"
     # one-line CI annotations carry the finding with its figures, not the table header
     message = case.find("failure").get("message")
-    assert message.startswith("stage.answer: accuracy 0.000 < 0.800 (rule: P_final"), message
-    result.stdout.fnmatch_lines(["FAILED mllm/permuted-answer::stage.answer - stage.answer: accuracy 0.000 < 0.*"])  # cut at 80 columns
+    assert message.startswith("stage.answer: accuracy 0.0"), message
+    assert "< 0.7" in message and "(rule: P_final" in message, message
+    result.stdout.fnmatch_lines(["FAILED mllm/permuted-answer::stage.answer - stage.answer: accuracy 0.0?? < 0.*"])  # cut at 80 columns
 
 
 def test_junit_validates_under_xdist_with_suite_properties(pytester: pytest.Pytester, junit_schema: Path) -> None:

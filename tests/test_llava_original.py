@@ -88,7 +88,7 @@ def test_a_tower_outside_the_checkpoint_is_read_from_mm_vision_tower(tmp_path: P
 def test_pytest_runs_it_end_to_end(pytester: pytest.Pytester, original: Path) -> None:
     result = pytester.runpytest_subprocess(f"--mllm-model={original}", f"--mllm-data={DEMO_DATA}", *RUN)
     result.assert_outcomes(passed=18)
-    result.stdout.fnmatch_lines(["*huatuo-tiny (llava, 45 test images; connector reads vision.2*"])
+    result.stdout.fnmatch_lines(["*huatuo-tiny (llava, 150 test images; connector reads vision.2*"])
 
 
 @pytest.mark.parametrize("changes, message", [

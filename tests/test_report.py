@@ -156,7 +156,7 @@ def test_results_json_round_trips(demo: dict, tmp_path: Path, monkeypatch: pytes
     outcome = write_report(demo, tmp_path / "new" / "dir")
     saved = json.loads((tmp_path / "new" / "dir" / "results.json").read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(demo))
-    assert saved["schema_version"] == 1
+    assert saved["schema_version"] == 2
     assert load_results(outcome.out_dir / "results.json") == saved
     assert not [p for p in outcome.out_dir.iterdir() if p.name.startswith(".")], "temp files left behind"
 
@@ -418,6 +418,6 @@ def test_the_plugin_writes_the_report_and_feeds_pytest_html(pytester: pytest.Pyt
     result.stdout.fnmatch_lines(["mllmprobe wrote report: *out (results.json, demo.png, profile.png, index.html)"])
     assert sorted(p.name for p in out.iterdir()) == ["demo.png", "index.html", "profile.png", "results.json"]
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema_version"] == 1 and doc["models"]["demo"]["first_failing_stage"] is None
+    assert doc["schema_version"] == 2 and doc["models"]["demo"]["first_failing_stage"] is None
     page = html.read_text()
     assert "data:image/png;base64" in page and "stage.connector" in page

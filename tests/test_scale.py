@@ -36,7 +36,7 @@ def test_a_rerun_that_changes_only_thresholds_or_probes_loads_no_model(pytester:
         "--mllm-model=demo", f"--mllm-cache-dir={cache}", "--mllm-thresholds=strict.yaml",
         "--mllm-probe=mlp", *RUN,
     )
-    again.stdout.fnmatch_lines(["demo (llava, 45 test images; *; features from the cache)"])
+    again.stdout.fnmatch_lines(["demo (llava, 150 test images; *; features from the cache)"])
     again.stdout.no_fnmatch_line("*extracted*images*")  # no forward pass ran
     assert len(list(cache.glob("*.npz"))) == 1
     # --mllm-no-cache reads and writes nothing
@@ -226,15 +226,16 @@ def test_probes_train_on_the_extraction_device(monkeypatch: pytest.MonkeyPatch, 
     from pytest_mllmprobe.settings import Settings
 
     asked: list[str] = []
-    fit = probes.fit_predict
+    fit = probes.fit_folds
 
     def spy(*args, device="cpu", **kwargs):
         asked.append(device)
-        return fit(*args, **kwargs)  # this machine may have no GPU: fit on the CPU
+        return fit(*args, device="cpu", **kwargs)  # this machine may have no GPU: fit on the CPU
 
-    monkeypatch.setattr(probes, "fit_predict", spy)
+    monkeypatch.setattr(probes, "fit_folds", spy)
     monkeypatch.setattr(engine, "pick_device", lambda device: torch.device("cuda", 1))
-    the_plan = engine.plan(Settings(models=("demo",), device="cpu", probe=probe, max_samples=60))
+    # one permutation: the control's probes go to the same device as the real ones
+    the_plan = engine.plan(Settings(models=("demo",), device="cpu", probe=probe, max_samples=60, permutations=1))
     result = engine.evaluate(the_plan, the_plan.models[0])
     assert asked == ["cuda:1"] and len(result.loci) > 3
 
@@ -252,7 +253,7 @@ def test_probes_fall_back_to_the_cpu_when_the_gpu_runs_out_of_memory(monkeypatch
     assert model_summary(reference)["memory"] is None
 
     asked: list[str] = []
-    fit = probes.fit_predict
+    fit = probes.fit_folds
 
     def small_gpu(*args, device="cpu", **kwargs):
         asked.append(device)
@@ -260,7 +261,7 @@ def test_probes_fall_back_to_the_cpu_when_the_gpu_runs_out_of_memory(monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory (planted)")
         return fit(*args, device=device, **kwargs)
 
-    monkeypatch.setattr(probes, "fit_predict", small_gpu)
+    monkeypatch.setattr(probes, "fit_folds", small_gpu)
     monkeypatch.setattr(engine, "pick_device", lambda device: torch.device("cuda", 0))
     result = engine.evaluate(the_plan, the_plan.models[0])
     assert asked[0] == "cuda:0" and set(asked[1:]) == {"cpu"}

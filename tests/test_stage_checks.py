@@ -177,7 +177,7 @@ def test_module_function_adapter_runs_end_to_end(pytester: pytest.Pytester) -> N
     pytester.makepyfile(my_models=ADAPTER)
     result = pytester.runpytest_subprocess("--mllm-model=my_models:demo_adapter", f"--mllm-data={DEMO_DATA}", *RUN)
     result.assert_outcomes(passed=18)
-    result.stdout.fnmatch_lines(["*demo_adapter (llava, 45 test images*"])
+    result.stdout.fnmatch_lines(["*demo_adapter (llava, 150 test images*"])
 
 
 @pytest.mark.parametrize("name, message", [

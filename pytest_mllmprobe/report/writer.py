@@ -16,6 +16,9 @@ from ..atomic import remove_stale, staging_dir, swap_dir
 from ..errors import ConfigError
 from ..results import SCHEMA_VERSION as SUPPORTED_SCHEMA
 
+#: results.json versions this report reads: 1 has no intervals or controls (drawn without bands)
+READABLE_SCHEMAS = (1, SUPPORTED_SCHEMA)
+
 MATPLOTLIB_HINT = (
     "matplotlib is not installed, so this report has tables but no plots; "
     'for the plots: pip install "pytest-mllmprobe[report]"'
@@ -97,7 +100,7 @@ def _render(results: Mapping[str, Any], out: Path, reference: Mapping[str, Any] 
     """Write every report file into ``out``; the names written and the warnings."""
     warnings: list[str] = []
     version = results.get("schema_version")
-    if version != SUPPORTED_SCHEMA:
+    if version not in READABLE_SCHEMAS:
         warnings.append(f"results schema_version is {version!r}; this report understands "
                         f"{SUPPORTED_SCHEMA}: some parts may be missing")
     written = ["results.json"]
@@ -165,10 +168,10 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         return data
     _check(data, what=str(path))
     version = data.get("schema_version")
-    if version != SUPPORTED_SCHEMA:
+    if version not in READABLE_SCHEMAS:
         raise ConfigError(
             f"{path}: schema_version is {version!r}, this version of pytest-mllmprobe reads "
-            f"{SUPPORTED_SCHEMA}; write it again with this version (--mllm-report or write_report())"
+            f"{' and '.join(map(str, READABLE_SCHEMAS))}; write it again with this version (--mllm-report or write_report())"
         )
     check(data, RESULTS, "", fail)
     return data
