@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +38,8 @@ class ModelPlan:
     thresholds: Any
     #: how the model is loaded, fed and read (:mod:`pytest_mllmprobe.models.adapter`)
     adapter: ModelAdapter
+    #: where each stage lives in the module tree (:func:`~pytest_mllmprobe.models.changes.stage_roots`)
+    roots: dict[str, str] = field(default_factory=dict)
 
     @property
     def loci(self) -> tuple[str, ...]:
@@ -69,6 +71,8 @@ class Plan:
     test: np.ndarray
     models: tuple[ModelPlan, ...]
     folds: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    #: ``--mllm-compare-to base``: each PEFT adapter's label -> its base's label
+    references: dict[str, str] = field(default_factory=dict)
 
 
 def plan(settings: Settings) -> Plan:
@@ -76,13 +80,55 @@ def plan(settings: Settings) -> Plan:
     from .thresholds import load_thresholds
 
     specs = _model_specs(settings)
-    adapters = [adapter_for(spec, trust_remote_code=settings.trust_remote_code) for spec in specs]
+    adapters = [adapter_for(spec, trust_remote_code=settings.trust_remote_code, base_model=settings.base_model)
+                for spec in specs]
+    references = _add_bases(settings, specs, adapters)
     _preflight(settings, specs, adapters)
     dataset = _dataset(settings, specs)
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = tuple(_model_plan(settings, spec, adapter, threshold_set) for spec, adapter in zip(specs, adapters))
-    return Plan(settings, dataset, train, test, models, folds)
+    return Plan(settings, dataset, train, test, models, folds, references)
+
+
+#: ``--mllm-compare-to base``: every PEFT adapter against its own base
+BASE = "base"
+
+
+def _add_bases(settings: Settings, specs: list[ModelSpec], adapters: list[ModelAdapter]) -> dict[str, str]:
+    """With ``--mllm-compare-to base``, add every adapter's base to the run (once, also when it is
+    given with --mllm-model) and return ``{adapter label: base label}``; ``{}`` otherwise."""
+    from pathlib import Path
+
+    from .models.peft_adapter import PeftAdapter
+
+    labels = [s.label for s in specs]
+    if settings.compare_to != BASE or BASE in labels:
+        return {}
+    peft = [(s, a) for s, a in zip(specs, adapters) if isinstance(a, PeftAdapter)]
+    if not peft:
+        raise ConfigError(
+            f"--mllm-compare-to base compares PEFT adapters (folders with adapter_config.json) with their base, "
+            f"but no model of this run is one ({', '.join(labels)}); name the reference model's label instead"
+        )
+
+    def same(a: str, b: str) -> bool:
+        return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+
+    references = {}
+    for spec, adapter in peft:
+        found = next((s for s in specs if same(s.source, adapter.base)), None)
+        if found is None:
+            name = Path(adapter.base).name if Path(adapter.base).is_dir() else adapter.base.split("/")[-1]
+            label, n = name, 1
+            while label in labels:
+                label, n = f"{name}-base" + (f"-{n}" if n > 1 else ""), n + 1
+            found = ModelSpec(label, adapter.base)
+            specs.append(found)
+            adapters.append(adapter.base_adapter)
+            labels.append(label)
+        references[spec.label] = found.label
+    return references
 
 
 def _preflight(settings: Settings, specs: list[ModelSpec], adapters: list[ModelAdapter]) -> None:
@@ -115,9 +161,12 @@ def _model_specs(settings: Settings) -> list[ModelSpec]:
 
 def _model_plan(settings: Settings, spec: ModelSpec, adapter: ModelAdapter, threshold_set: Any) -> ModelPlan:
     """One model's rules and stage map, detected on the ``meta`` device (no weights read)."""
+    from .models.changes import stage_roots
+
     structure = adapter.structure()
     unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source), adapter)
-    return replace(unmapped, stage_map=detect_stages(structure, *unmapped.stage_overrides(settings)))
+    stage_map = detect_stages(structure, *unmapped.stage_overrides(settings))
+    return replace(unmapped, stage_map=stage_map, roots=stage_roots(structure, stage_map))
 
 
 def _split(settings: Settings, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
@@ -149,9 +198,14 @@ def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
     )
 
 
-def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None) -> ModelResult:
-    """One model through the pipeline: load, extract, answer, probe, score, judge."""
+def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None,
+             keep: Callable[[LoadedModel], None] | None = None) -> ModelResult:
+    """One model through the pipeline: load, extract, answer, probe, score, judge.
+
+    ``keep`` receives the loaded model once its features are extracted (a PEFT adapter of the same
+    run takes its base from there instead of loading it again)."""
     run = ModelRun(the_plan, model_plan, progress)
+    run.keep = keep
     features = run.features()  # load + extract + answer, or the feature cache
     probed = run.probe(features)
     loci = run.score(features, probed)
@@ -178,6 +232,7 @@ class ModelRun:
         #: the ``answers`` record of the result (set by :meth:`score`)
         self.answers: dict[str, Any] | None = None
         self.timings: dict[str, float] = {}
+        self.keep: Callable[[LoadedModel], None] | None = None
 
     # -- load, extract, answer ------------------------------------------------------------
     def features(self) -> Features:
@@ -204,6 +259,8 @@ class ModelRun:
         features = self.extract(loaded, prompt)
         if self.settings.answer == "generate":
             self.generated = self.answer(loaded, prompt)
+        if self.keep is not None:
+            self.keep(loaded)
         return features
 
     def load(self) -> LoadedModel:
@@ -354,20 +411,23 @@ class Evaluator:
         self._raw: dict[str, ModelResult] = {}
         settings = the_plan.settings
         labels = [m.spec.label for m in the_plan.models]
-        if settings.compare_to is not None:
+        #: model label -> the label of the model it is compared with (same run, same data and split)
+        self.references = dict(the_plan.references)
+        if settings.compare_to is not None and not self.references:
             if settings.compare_to not in labels:
                 raise ConfigError(
                     f"--mllm-compare-to {settings.compare_to!r} is not one of the models of this run "
                     f"({', '.join(labels)}); name the reference by its label"
                 )
-            reference = self.model_plan(settings.compare_to)
-            for model in the_plan.models:
-                if model.loci != reference.loci:
-                    raise ConfigError(
-                        f"--mllm-compare-to {settings.compare_to!r}: model {model.spec.label!r} has "
-                        f"another architecture ({len(model.loci)} loci, the reference "
-                        f"{len(reference.loci)}); compare checkpoints of the same architecture"
-                    )
+            self.references = {label: settings.compare_to for label in labels if label != settings.compare_to}
+        for label, name in self.references.items():
+            model, reference = self.model_plan(label), self.model_plan(name)
+            if model.loci != reference.loci:
+                raise ConfigError(
+                    f"--mllm-compare-to {settings.compare_to!r}: model {model.spec.label!r} has "
+                    f"another architecture ({len(model.loci)} loci, the reference "
+                    f"{len(reference.loci)}); compare checkpoints of the same architecture"
+                )
         self.baseline: dict[str, Any] | None = None
         if settings.baseline and not settings.update_baseline:
             from .baseline import check_compatible, load_baseline
@@ -376,7 +436,7 @@ class Evaluator:
             summary = data_summary(the_plan)
             # With --mllm-compare-to the others are compared with the reference model, and only
             # the reference with the baseline; otherwise every model with its baseline entry.
-            users = [settings.compare_to] if settings.compare_to is not None else labels
+            users = [label for label in labels if label not in self.references]
             for model in the_plan.models:
                 if model.spec.label not in users:
                     continue
@@ -393,8 +453,45 @@ class Evaluator:
     def raw(self, label: str) -> ModelResult:
         """The model's own result, before any comparison."""
         if label not in self._raw:
-            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress)
+            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress, keep=self._keeper(label))
+            taker = self.model_plan(label).adapter
+            if hasattr(taker, "offer_base"):  # a base it was offered and did not need is let go
+                taker.offer_base(None, None)
         return self._raw[label]
+
+    def _keeper(self, label: str) -> Callable[[LoadedModel], None] | None:
+        """Hand this model, once extracted, to a PEFT adapter of the run that is based on it and
+        not evaluated yet: the base's weights are read once for both."""
+        from .models.peft_adapter import PeftAdapter
+
+        mine = self.model_plan(label).adapter
+        for model in self.plan.models:
+            adapter = model.adapter
+            if (isinstance(adapter, PeftAdapter) and adapter.base_adapter is mine
+                    and model.spec.label not in self._raw):
+                return lambda loaded: adapter.offer_base(loaded.model, loaded.processor)
+        return None
+
+    def changes(self, label: str) -> dict[str, Any] | None:
+        """Which stages the model's weights changed: from a PEFT adapter's tensors (against its
+        base), else from per-stage weight fingerprints against its reference model (saved folders)."""
+        from pathlib import Path
+
+        from .models.changes import weight_changes, weight_files
+        from .models.peft_adapter import PeftAdapter
+
+        model = self.model_plan(label)
+        if isinstance(model.adapter, PeftAdapter):
+            return {**model.adapter.changes(model.roots), "against": f"its base {model.adapter.base}"}
+        name = self.references.get(label)
+        if name is None:
+            return None
+        reference = self.model_plan(name)
+        folders = [model.spec.source, reference.spec.source]
+        if isinstance(reference.adapter, PeftAdapter) or not all(Path(f).is_dir() and weight_files(f) for f in folders):
+            return None
+        record = weight_changes(model.spec.source, reference.spec.source, model.roots)
+        return None if record is None else {**record, "against": f"model {name!r}"}
 
     def result(self, label: str) -> ModelResult:
         """The model's result with its comparison applied; errors are cached and re-raised."""
@@ -418,22 +515,28 @@ class Evaluator:
 
         from .baseline import compare, regressed_stages
 
+        from .models.changes import contradictions
+
         result = self.raw(label)
         settings = self.plan.settings
-        if settings.compare_to is not None and label != settings.compare_to:
-            reference, what = self.entry(settings.compare_to), f"model {settings.compare_to!r}"
-            kind, name = "model", settings.compare_to
+        changes = self.changes(label)
+        if label in self.references:
+            name = self.references[label]
+            reference, what = self.entry(name), f"{'base ' if self.plan.references else ''}model {name!r}"
+            kind = "model"
         elif self.baseline is not None:
             reference, what = self.baseline["models"][label], f"baseline {settings.baseline!r}"
             kind, name = "baseline", str(settings.baseline)
         else:
-            return result
+            return replace(result, changes=changes) if changes is not None else result
         verdicts = compare(result, reference, self.model_plan(label).thresholds, what)
         comparison = {
             "against": what, "kind": kind, "reference": name,
             "regressed_stages": regressed_stages(verdicts),
         }
-        return replace(result, verdicts=verdicts, comparison=comparison)
+        if changes is not None:
+            comparison["contradictions"] = contradictions(changes, comparison["regressed_stages"])
+        return replace(result, verdicts=verdicts, comparison=comparison, changes=changes)
 
 
 def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **options: Any) -> Results:

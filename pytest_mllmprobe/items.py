@@ -217,7 +217,24 @@ def model_summary(result: Any) -> dict[str, Any]:
         "answers": answers_line(result),
         "cached": bool(result.timings.get("cache")),
         "memory": memory_line(result.timings),
+        **changes_lines(result),
     }
+
+
+def changes_lines(result: Any) -> dict[str, Any]:
+    """What the fine-tune changed (``changes``) and the regressions its weights cannot explain
+    (``contradiction``), for the summary; nothing when the run does not know."""
+    changes = getattr(result, "changes", None)
+    if not changes:
+        return {}
+    lines = {"changes": f"{changes['text']} (vs {changes['against']})"}
+    found = (result.comparison or {}).get("contradictions") or []
+    if found:
+        lines["contradiction"] = (
+            f"contradiction: regression reported in {', '.join(found)}, whose weights (and every upstream "
+            "stage's) did not change: noise or a measurement bug, not the fine-tune"
+        )
+    return lines
 
 
 def memory_line(timings: dict[str, float]) -> str | None:

@@ -88,7 +88,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 #: Ini keys holding paths: relative values are read from the ini file's folder, as pytest does
 #: for its own path keys. Inputs are rebased only when that path exists (a model may be a hub
 #: id, data may be ``module:function``); outputs always.
-INPUT_PATH_KEYS = ("mllm_model", "mllm_data", "mllm_thresholds", "mllm_baseline")
+INPUT_PATH_KEYS = ("mllm_model", "mllm_data", "mllm_thresholds", "mllm_baseline", "mllm_base_model")
 OUTPUT_PATH_KEYS = ("mllm_save_baseline", "mllm_report", "mllm_cache_dir")
 
 
@@ -162,6 +162,7 @@ def settings_from_config(config: pytest.Config) -> Any:
         save_baseline=values["mllm_save_baseline"],
         update_baseline=bool(values["mllm_update_baseline"]),
         compare_to=values["mllm_compare_to"],
+        base_model=values["mllm_base_model"],
         folds=values["mllm_folds"],
         answer=values["mllm_answer"],
         skip_bad_images=bool(values["mllm_skip_bad_images"]),
@@ -628,6 +629,10 @@ class ProbeReporter:
                 tr.write_line(f"  {summary['answers']}")
             if summary.get("memory"):
                 tr.write_line(f"  {summary['memory']}", yellow=True)
+            if summary.get("changes"):
+                tr.write_line(f"  {summary['changes']}")
+            if summary.get("contradiction"):
+                tr.write_line(f"  {summary['contradiction']}", red=True)
             healthy = summary["first_failing_stage"] is None
             tr.write_line(f"  {summary['diagnosis']}", red=not healthy, green=healthy)
             tr.write_line(f"  {len(outcomes)} probe tests ran, {failed} failed")

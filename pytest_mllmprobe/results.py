@@ -164,6 +164,8 @@ class ModelResult:
     timings: dict[str, float] = field(default_factory=dict)
     comparison: dict[str, Any] | None = None
     answers: dict[str, Any] | None = None
+    #: which stages the fine-tune's weights changed (:mod:`pytest_mllmprobe.models.changes`)
+    changes: dict[str, Any] | None = None
 
     @property
     def failing_stages(self) -> list[str]:
@@ -207,6 +209,7 @@ class ModelResult:
             "timings": dict(self.timings),
             "comparison": self.comparison,
             "answers": self.answers,
+            "changed_stages": self.changes,
         }
 
 
