@@ -40,6 +40,8 @@ class ModelPlan:
     adapter: ModelAdapter
     #: where each stage lives in the module tree (:func:`~pytest_mllmprobe.models.changes.stage_roots`)
     roots: dict[str, str] = field(default_factory=dict)
+    #: tensor names in the saved files -> the model's names (a compared full fine-tune's weights)
+    tensor_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def loci(self) -> tuple[str, ...]:
@@ -161,12 +163,17 @@ def _model_specs(settings: Settings) -> list[ModelSpec]:
 
 def _model_plan(settings: Settings, spec: ModelSpec, adapter: ModelAdapter, threshold_set: Any) -> ModelPlan:
     """One model's rules and stage map, detected on the ``meta`` device (no weights read)."""
-    from .models.changes import stage_roots
+    from pathlib import Path
+
+    from .models.changes import stage_roots, tensor_names
 
     structure = adapter.structure()
     unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source), adapter)
     stage_map = detect_stages(structure, *unmapped.stage_overrides(settings))
-    return replace(unmapped, stage_map=stage_map, roots=stage_roots(structure, stage_map))
+    # what a full fine-tune changed is told from its saved tensors (headers read here)
+    compared = settings.compare_to is not None and Path(spec.source).is_dir() and not hasattr(adapter, "base")
+    names = tensor_names(spec.source, structure) if compared else {}
+    return replace(unmapped, stage_map=stage_map, roots=stage_roots(structure, stage_map), tensor_names=names)
 
 
 def _split(settings: Settings, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
@@ -490,7 +497,8 @@ class Evaluator:
         folders = [model.spec.source, reference.spec.source]
         if isinstance(reference.adapter, PeftAdapter) or not all(Path(f).is_dir() and weight_files(f) for f in folders):
             return None
-        record = weight_changes(model.spec.source, reference.spec.source, model.roots)
+        record = weight_changes(model.spec.source, reference.spec.source, model.tensor_names,
+                                reference.tensor_names, model.roots)
         return None if record is None else {**record, "against": f"model {name!r}"}
 
     def result(self, label: str) -> ModelResult:
@@ -517,6 +525,8 @@ class Evaluator:
 
         from .models.changes import contradictions
 
+        if label in self.references:  # the reference first: a PEFT adapter may take its loaded base
+            self.raw(self.references[label])
         result = self.raw(label)
         settings = self.plan.settings
         changes = self.changes(label)

@@ -134,8 +134,46 @@ def weight_files(folder: str | Path) -> list[Path]:
     return sorted(root.glob("*.safetensors"))
 
 
+def tensor_names(folder: str | Path, structure: Any) -> dict[str, str]:
+    """``{tensor name in the files: the model's name for it}``: transformers may save the legacy
+    layout (``language_model.model.layers.0...``); names are renamed as loading renames them."""
+    from safetensors import safe_open
+
+    rename = _renamer(structure)
+    found: dict[str, str] = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                found[key] = rename(key)
+    return found
+
+
+def _renamer(structure: Any) -> Any:
+    """Saved tensor name -> the model's parameter name, with transformers' own loading renames."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(structure)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = structure.state_dict()
+        prefix = getattr(structure, "base_model_prefix", None)
+    except (ImportError, AttributeError, TypeError, ValueError):  # another transformers: names as saved
+        return lambda key: key
+
+    def rename(key: str) -> str:
+        try:
+            return rename_source_key(key, renamings, converters, prefix, meta)[0]
+        except (AttributeError, TypeError, ValueError, KeyError):
+            return key
+
+    return rename
+
+
 def tensor_hashes(folder: str | Path) -> dict[str, str]:
     """``{tensor name: sha256 of dtype, shape and bytes}`` of a saved model's safetensors files."""
+    import torch
     from safetensors import safe_open
 
     hashes: dict[str, str] = {}
@@ -144,40 +182,36 @@ def tensor_hashes(folder: str | Path) -> dict[str, str]:
             for key in handle.keys():
                 tensor = handle.get_tensor(key).contiguous()
                 digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-                digest.update(tensor.view(-1).view(_byte_dtype()).numpy().tobytes() if tensor.numel() else b"")
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
                 hashes[key] = digest.hexdigest()
     return hashes
 
 
-def _byte_dtype() -> Any:
-    import torch
-
-    return torch.uint8
-
-
-def weight_changes(model: str | Path, reference: str | Path, roots: dict[str, str]) -> dict[str, Any] | None:
-    """Per-stage weight fingerprints of two saved models compared; ``None`` when either has no
-    safetensors files (nothing to compare without reading pickles)."""
-    ours, theirs = tensor_hashes(model), tensor_hashes(reference)
+def weight_changes(model: str | Path, reference: str | Path, names: dict[str, str],
+                   reference_names: dict[str, str], roots: dict[str, str]) -> dict[str, Any] | None:
+    """Per-stage weight fingerprints of two saved models compared (``names``: each one's
+    :func:`tensor_names`); ``None`` when either has no safetensors files."""
+    ours = {names.get(k, k): v for k, v in tensor_hashes(model).items()}
+    theirs = {reference_names.get(k, k): v for k, v in tensor_hashes(reference).items()}
     if not ours or not theirs:
         return None
     stages: dict[str, dict[str, Any]] = {s: {"changed": False, "tensors": 0, "total": 0} for s in STAGES}
+    mine: dict[str, list[str]] = {s: [] for s in STAGES}
     other: list[str] = []
-    for key in sorted(set(ours) | set(theirs)):
-        stage = stage_of(key, roots)
+    for name in sorted(set(ours) | set(theirs)):
+        stage = stage_of(name, roots)
+        differs = ours.get(name) != theirs.get(name)
         if stage is None:
-            if ours.get(key) != theirs.get(key):
-                other.append(key)
+            other += [name] if differs else []
             continue
         stages[stage]["total"] += 1
-        if ours.get(key) != theirs.get(key):
+        mine[stage].append(ours.get(name, "-"))
+        if differs:
             stages[stage]["changed"] = True
             stages[stage]["tensors"] += 1
     for stage in STAGES:
-        if stages[stage]["total"]:
-            stages[stage]["fingerprint"] = hashlib.sha256(
-                "".join(ours.get(k, "-") for k in sorted(ours) if stage_of(k, roots) == stage).encode()
-            ).hexdigest()[:16]
+        if mine[stage]:
+            stages[stage]["fingerprint"] = hashlib.sha256("".join(mine[stage]).encode()).hexdigest()[:16]
     return _record("weights", stages, other)
 
 

@@ -153,6 +153,7 @@ class PeftAdapter(ModelAdapter):
         self._tensors: dict[str, tuple[int, ...]] | None = None
         #: the base model already loaded in this process (its own pass), taken by :meth:`load`
         self._offered: tuple[Any, Any] | None = None
+        self.reused_base = False
 
     # -- what the model is ----------------------------------------------------------------
     def tensors(self) -> dict[str, tuple[int, ...]]:
@@ -222,18 +223,25 @@ class PeftAdapter(ModelAdapter):
 
     # -- loading ---------------------------------------------------------------------------
     def offer_base(self, model: Any, processor: Any) -> None:
-        """The base, loaded by its own pass with the same settings: reused instead of reloading."""
-        self._offered = (model, processor)
+        """The base, loaded by its own pass with the same settings: reused instead of reloading
+        (``None`` lets go of one offered and not taken)."""
+        self._offered = None if model is None else (model, processor)
 
     def load(self, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> tuple[Any, Any]:
+        import warnings
+
         peft = require_peft(self.source)
+        #: whether the last load took the base from the base's own pass (read once for both)
+        self.reused_base = self._offered is not None
         if self._offered is not None:
             model, processor = self._offered
             self._offered = None
         else:
             model, processor = self.base_adapter.load(device, dtype, device_map)
         try:
-            wrapped = peft.PeftModel.from_pretrained(model, str(adapter_config_file(self.source).parent))
+            with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
+                wrapped = peft.PeftModel.from_pretrained(model, str(adapter_config_file(self.source).parent))
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ConfigError(
                 f"--mllm-model {self.source!r}: peft cannot apply the adapter to its base {self.base!r}: "
