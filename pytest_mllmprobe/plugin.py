@@ -629,12 +629,12 @@ class ProbeReporter:
                 tr.write_line(f"  {summary['answers']}")
             if summary.get("memory"):
                 tr.write_line(f"  {summary['memory']}", yellow=True)
+            healthy = summary["first_failing_stage"] is None
+            tr.write_line(f"  {summary['diagnosis']}", red=not healthy, green=healthy)
             if summary.get("changes"):
                 tr.write_line(f"  {summary['changes']}")
             if summary.get("contradiction"):
                 tr.write_line(f"  {summary['contradiction']}", red=True)
-            healthy = summary["first_failing_stage"] is None
-            tr.write_line(f"  {summary['diagnosis']}", red=not healthy, green=healthy)
             tr.write_line(f"  {len(outcomes)} probe tests ran, {failed} failed")
         skipped = (self.data or {}).get("skipped") or []
         if skipped:
