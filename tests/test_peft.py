@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch  # noqa: F401  imported before any pytester test: pytester drops modules first imported inside one
+
 
 from pytest_mllmprobe import run
 from pytest_mllmprobe.engine import ModelRun, plan
@@ -307,3 +309,39 @@ def test_compare_to_base_without_an_adapter_is_a_usage_error(lesion_data: Path) 
 
     with pytest.raises(ConfigError, match="--mllm-compare-to base compares PEFT adapters.*no model of this run is one"):
         plan(Settings(models=("demo",), data=str(lesion_data), compare_to="base"))
+
+
+def test_a_hub_base_is_read_from_the_local_cache(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, llava_base: Path, lesion_data: Path, tmp_path: Path
+) -> None:
+    """``base_model_name_or_path`` a hub id, offline: the snapshot in the Hugging Face cache is used."""
+    hub = tmp_path / "hub"
+    repo = hub / "models--lesion-lab--tiny-base"
+    shutil.copytree(llava_base, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    adapter = save_adapter(tmp_path / "busi-lora", llava_base, target_modules=LLM_ATTENTION, r=2)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "lesion-lab/tiny-base"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    result = pytester.runpytest_subprocess(f"--mllm-model={adapter}", f"--mllm-data={lesion_data}",
+                                           "--mllm-compare-to=base", *RUN)
+    result.assert_outcomes(passed=36)
+    result.stdout.fnmatch_lines(["*no regression vs base model 'tiny-base'*",
+                                 "*changed: llm (8 LoRA modules)*(vs its base lesion-lab/tiny-base)"])
+
+
+def test_the_processor_comes_from_the_adapter_folder_when_it_has_one(llava_base: Path, tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
+    from pytest_mllmprobe.models import ModelSpec, adapter_for
+
+    adapter = save_adapter(tmp_path / "lora", llava_base, target_modules=LLM_ATTENTION, r=2)
+    _, processor = adapter_for(ModelSpec("lora", str(adapter))).load("cpu", "float32")
+    assert processor.chat_template == AutoProcessor.from_pretrained(llava_base).chat_template  # the base's
+    own = AutoProcessor.from_pretrained(llava_base)
+    own.chat_template = "{% for m in messages %}ADAPTER {{ m['content'][0]['type'] }}{% endfor %}"
+    own.save_pretrained(adapter)
+    _, processor = adapter_for(ModelSpec("lora", str(adapter))).load("cpu", "float32")
+    assert processor.chat_template.startswith("{% for m in messages %}ADAPTER")
