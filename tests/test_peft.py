@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch  # noqa: F401  imported before any pytester test: pytester drops modules first imported inside one
 
-
 from pytest_mllmprobe import run
 from pytest_mllmprobe.engine import ModelRun, plan
 from pytest_mllmprobe.models.peft_adapter import EXTRA_HINT, SUPPORTED_TEXT
