@@ -19,6 +19,7 @@ from .data import Dataset, fold_indices, load_dataset, split_indices
 from .errors import ConfigError
 from .models import LoadedModel, ModelAdapter, ModelSpec, StageMap, adapter_for, detect_stages, resolve_model
 from .models.load import pick_device, placement
+from .models.peft_adapter import add_bases
 from .prompts import DEFAULT_QUESTION, build_prompt
 from .results import LocusResult, ModelResult, Results
 from .settings import Settings
@@ -84,53 +85,13 @@ def plan(settings: Settings) -> Plan:
     specs = _model_specs(settings)
     adapters = [adapter_for(spec, trust_remote_code=settings.trust_remote_code, base_model=settings.base_model)
                 for spec in specs]
-    references = _add_bases(settings, specs, adapters)
+    references = add_bases(settings.compare_to, specs, adapters)  # --mllm-compare-to base
     _preflight(settings, specs, adapters)
     dataset = _dataset(settings, specs)
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = tuple(_model_plan(settings, spec, adapter, threshold_set) for spec, adapter in zip(specs, adapters))
     return Plan(settings, dataset, train, test, models, folds, references)
-
-
-#: ``--mllm-compare-to base``: every PEFT adapter against its own base
-BASE = "base"
-
-
-def _add_bases(settings: Settings, specs: list[ModelSpec], adapters: list[ModelAdapter]) -> dict[str, str]:
-    """With ``--mllm-compare-to base``, add every adapter's base to the run (once, also when it is
-    given with --mllm-model) and return ``{adapter label: base label}``; ``{}`` otherwise."""
-    from pathlib import Path
-
-    from .models.peft_adapter import PeftAdapter
-
-    labels = [s.label for s in specs]
-    if settings.compare_to != BASE or BASE in labels:
-        return {}
-    peft = [(s, a) for s, a in zip(specs, adapters) if isinstance(a, PeftAdapter)]
-    if not peft:
-        raise ConfigError(
-            f"--mllm-compare-to base compares PEFT adapters (folders with adapter_config.json) with their base, "
-            f"but no model of this run is one ({', '.join(labels)}); name the reference model's label instead"
-        )
-
-    def same(a: str, b: str) -> bool:
-        return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
-
-    references = {}
-    for spec, adapter in peft:
-        found = next((s for s in specs if same(s.source, adapter.base)), None)
-        if found is None:
-            name = Path(adapter.base).name if Path(adapter.base).is_dir() else adapter.base.split("/")[-1]
-            label, n = name, 1
-            while label in labels:
-                label, n = f"{name}-base" + (f"-{n}" if n > 1 else ""), n + 1
-            found = ModelSpec(label, adapter.base)
-            specs.append(found)
-            adapters.append(adapter.base_adapter)
-            labels.append(label)
-        references[spec.label] = found.label
-    return references
 
 
 def _preflight(settings: Settings, specs: list[ModelSpec], adapters: list[ModelAdapter]) -> None:
@@ -163,16 +124,13 @@ def _model_specs(settings: Settings) -> list[ModelSpec]:
 
 def _model_plan(settings: Settings, spec: ModelSpec, adapter: ModelAdapter, threshold_set: Any) -> ModelPlan:
     """One model's rules and stage map, detected on the ``meta`` device (no weights read)."""
-    from pathlib import Path
-
     from .models.changes import stage_roots, tensor_names
 
     structure = adapter.structure()
     unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source), adapter)
     stage_map = detect_stages(structure, *unmapped.stage_overrides(settings))
-    # what a full fine-tune changed is told from its saved tensors (headers read here)
-    compared = settings.compare_to is not None and Path(spec.source).is_dir() and not hasattr(adapter, "base")
-    names = tensor_names(spec.source, structure) if compared else {}
+    # a compared full fine-tune: its saved tensors' names (headers only), for per-stage fingerprints
+    names = tensor_names(spec.source, structure, adapter) if settings.compare_to is not None else {}
     return replace(unmapped, stage_map=stage_map, roots=stage_roots(structure, stage_map), tensor_names=names)
 
 
@@ -480,26 +438,12 @@ class Evaluator:
         return None
 
     def changes(self, label: str) -> dict[str, Any] | None:
-        """Which stages the model's weights changed: from a PEFT adapter's tensors (against its
-        base), else from per-stage weight fingerprints against its reference model (saved folders)."""
-        from pathlib import Path
+        """Which stages the model's weights changed, per stage (:mod:`.models.changes`)."""
+        from .models.changes import fine_tune_changes
 
-        from .models.changes import weight_changes, weight_files
-        from .models.peft_adapter import PeftAdapter
-
-        model = self.model_plan(label)
-        if isinstance(model.adapter, PeftAdapter):
-            return {**model.adapter.changes(model.roots), "against": f"its base {model.adapter.base}"}
-        name = self.references.get(label)
-        if name is None:
-            return None
-        reference = self.model_plan(name)
-        folders = [model.spec.source, reference.spec.source]
-        if isinstance(reference.adapter, PeftAdapter) or not all(Path(f).is_dir() and weight_files(f) for f in folders):
-            return None
-        record = weight_changes(model.spec.source, reference.spec.source, model.tensor_names,
-                                reference.tensor_names, model.roots)
-        return None if record is None else {**record, "against": f"model {name!r}"}
+        model, name = self.model_plan(label), self.references.get(label)
+        reference = self.model_plan(name) if name is not None else None
+        return fine_tune_changes(model, reference)
 
     def result(self, label: str) -> ModelResult:
         """The model's result with its comparison applied; errors are cached and re-raised."""
@@ -522,7 +466,6 @@ class Evaluator:
         from dataclasses import replace
 
         from .baseline import compare, regressed_stages
-
         from .models.changes import contradictions
 
         if label in self.references:  # the reference first: a PEFT adapter may take its loaded base

@@ -134,11 +134,14 @@ def weight_files(folder: str | Path) -> list[Path]:
     return sorted(root.glob("*.safetensors"))
 
 
-def tensor_names(folder: str | Path, structure: Any) -> dict[str, str]:
-    """``{tensor name in the files: the model's name for it}``: transformers may save the legacy
-    layout (``language_model.model.layers.0...``); names are renamed as loading renames them."""
+def tensor_names(folder: str | Path, structure: Any, adapter: Any = None) -> dict[str, str]:
+    """``{tensor name in the files: the model's name for it}`` of a saved model folder (``{}`` for a
+    hub id or a PEFT adapter): transformers may save the legacy layout
+    (``language_model.model.layers.0...``); names are renamed as loading renames them."""
     from safetensors import safe_open
 
+    if _knows_its_changes(adapter) or not Path(folder).is_dir():
+        return {}
     rename = _renamer(structure)
     found: dict[str, str] = {}
     for path in weight_files(folder):
@@ -213,6 +216,26 @@ def weight_changes(model: str | Path, reference: str | Path, names: dict[str, st
         if mine[stage]:
             stages[stage]["fingerprint"] = hashlib.sha256("".join(mine[stage]).encode()).hexdigest()[:16]
     return _record("weights", stages, other)
+
+
+def fine_tune_changes(model: Any, reference: Any = None) -> dict[str, Any] | None:
+    """What a model's fine-tune changed, per stage: a PEFT adapter's from its tensors (against its
+    base); a saved full fine-tune's from per-stage weight fingerprints against its saved reference
+    model (``ModelPlan``s); ``None`` when neither applies."""
+    if _knows_its_changes(model.adapter):
+        return {**model.adapter.changes(model.roots), "against": f"its base {model.adapter.base}"}
+    if reference is None or _knows_its_changes(reference.adapter):
+        return None
+    folders = [model.spec.source, reference.spec.source]
+    if not all(Path(f).is_dir() and weight_files(f) for f in folders):
+        return None
+    record = weight_changes(*folders, model.tensor_names, reference.tensor_names, model.roots)
+    return None if record is None else {**record, "against": f"model {reference.spec.label!r}"}
+
+
+def _knows_its_changes(adapter: Any) -> bool:
+    """A PEFT adapter (:class:`~.peft_adapter.PeftAdapter`) tells its changes from its tensors."""
+    return callable(getattr(adapter, "changes", None)) and hasattr(adapter, "base")
 
 
 def contradictions(record: dict[str, Any] | None, regressed: list[str]) -> list[str]:

@@ -311,3 +311,41 @@ def _vocab_size(structure: Any) -> int | None:
     size = getattr(text, "vocab_size", None)
     return int(size) if size is not None else None
 
+
+#: ``--mllm-compare-to base``: every PEFT adapter against its own base
+BASE = "base"
+
+
+def add_bases(compare_to: str | None, specs: list[Any], adapters: list[ModelAdapter]) -> dict[str, str]:
+    """With ``--mllm-compare-to base``, add every adapter's base to ``specs``/``adapters`` (once, also
+    when it is given with --mllm-model; its adapter is the one the PEFT adapter loads it with) and
+    return ``{adapter label: base label}``; ``{}`` otherwise (or when a model is labelled ``base``)."""
+    from .load import ModelSpec
+
+    labels = [s.label for s in specs]
+    if compare_to != BASE or BASE in labels:
+        return {}
+    peft = [(s, a) for s, a in zip(specs, adapters) if isinstance(a, PeftAdapter)]
+    if not peft:
+        raise ConfigError(
+            f"--mllm-compare-to base compares PEFT adapters (folders with {ADAPTER_CONFIG}) with their base, "
+            f"but no model of this run is one ({', '.join(labels)}); name the reference model's label instead"
+        )
+    references = {}
+    for spec, adapter in peft:
+        found = next((s for s in specs if _same(s.source, adapter.base)), None)
+        if found is None:
+            name = Path(adapter.base).name if Path(adapter.base).is_dir() else adapter.base.split("/")[-1]
+            label, n = name, 1
+            while label in labels:
+                label, n = f"{name}-base" + (f"-{n}" if n > 1 else ""), n + 1
+            found = ModelSpec(label, adapter.base)
+            specs.append(found)
+            adapters.append(adapter.base_adapter)
+            labels.append(label)
+        references[spec.label] = found.label
+    return references
+
+
+def _same(a: str, b: str) -> bool:
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
