@@ -168,7 +168,7 @@ class PeftAdapter(ModelAdapter):
         if Path(self.base).is_dir():
             from ..preflight import check_weights
 
-            check_weights(self.base, "--mllm-base-model (the adapter's base)")
+            check_weights(self.base, f"--mllm-model {self.source!r}: the adapter's base")
         return config
 
     def check_type(self) -> None:
