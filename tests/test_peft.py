@@ -260,7 +260,8 @@ def _vocab_adapter(base: Path, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("case", ["base-missing", "architecture", "vocabulary", "no-peft", "peft-type", "optimizer-only"])
+@pytest.mark.parametrize("case", ["base-missing", "architecture", "vocabulary", "tokenizer", "no-peft", "peft-type",
+                                  "optimizer-only"])
 def test_bad_adapters_are_usage_errors(
     pytester: pytest.Pytester, llava_base: Path, qwen_base: Path, lesion_data: Path, tmp_path: Path, case: str
 ) -> None:
@@ -277,6 +278,14 @@ def test_bad_adapters_are_usage_errors(
                   "but ?75, 48? in the base*vocabulary size 75*"
     else:
         save_adapter(adapter, llava_base, target_modules=LLM_ATTENTION, r=2)
+    if case == "tokenizer":  # tokens added for training, the embeddings not saved with the adapter
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(llava_base)
+        tokenizer.add_tokens(["<lesion>", "<margin>", "<echo>", "<shadow>", "<halo>", "<cyst>"])
+        tokenizer.save_pretrained(adapter)
+        message = "*adapter was made for another vocabulary size: its tokenizer.json has token ids up to 80, " \
+                  "but the base*has vocabulary size 75*modules_to_save*"
     if case == "base-missing":
         config = json.loads((adapter / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = str(tmp_path / "gone")

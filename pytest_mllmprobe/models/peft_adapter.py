@@ -214,6 +214,34 @@ class PeftAdapter(ModelAdapter):
                     + (f", vocabulary size {vocab}" if vocab is not None else "")
                     + "); check base_model_name_or_path in adapter_config.json or --mllm-base-model"
                 )
+        self.check_tokenizer(structure, kind)
+
+    def check_tokenizer(self, structure: Any, kind: str) -> None:
+        """A tokenizer saved with the adapter must fit the base's embedding rows (added tokens need
+        a resized embedding, saved with ``modules_to_save``)."""
+        path = adapter_config_file(self.source).parent / "tokenizer.json"  # type: ignore[union-attr]
+        vocab = _vocab_size(structure)
+        if vocab is None or not path.is_file():
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        ids = [int(t["id"]) for t in data.get("added_tokens") or [] if isinstance(t, dict) and "id" in t]
+        words = (data.get("model") or {}).get("vocab")
+        if isinstance(words, dict):
+            ids += [int(i) for i in words.values() if isinstance(i, int)]
+        largest = max(ids, default=-1)
+        if largest >= vocab:
+            rows = dict(structure.named_parameters()).get("lm_head.weight")
+            raise ConfigError(
+                f"--mllm-model {self.source!r}: the adapter was made for another vocabulary size: its "
+                f"tokenizer.json has token ids up to {largest}, but the base {self.base!r} ({kind}) has "
+                f"vocabulary size {vocab}"
+                + (f" ({rows.shape[0]} output rows)" if rows is not None else "")
+                + "; save the resized embeddings with the adapter (modules_to_save=['embed_tokens', 'lm_head']) "
+                "or check base_model_name_or_path in adapter_config.json or --mllm-base-model"
+            )
 
     def changes(self, roots: dict[str, str]) -> dict[str, Any]:
         """Which stages the adapter changes (from its tensor names), per stage."""
