@@ -41,7 +41,7 @@ LOCUS_PREFIX = "locus/"
 CONFIG_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
-    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "adapter_config.json",
 )
 """Small files hashed in full: they decide the prompt, the pixels and the architecture."""
 
@@ -143,6 +143,9 @@ def extraction_key(the_plan: Any, model_plan: Any, variant: str | None = None) -
     adapter = model_plan.adapter  # which adapter read the weights, and the folder it read them from
     extraction["adapter"] = f"{type(adapter).__module__}.{type(adapter).__qualname__}"
     fingerprint = model_fingerprint(adapter.source or model_plan.spec.source)
+    base = getattr(adapter, "base", None)  # a PEFT adapter: its own files and its base's
+    if base:
+        fingerprint = hashlib.sha256(f"{fingerprint}+{model_fingerprint(base)}".encode()).hexdigest()[:32]
     key = feature_key(fingerprint, the_plan.dataset.fingerprint, extraction)
     meta = {
         "model": model_plan.spec.source, "label": model_plan.spec.label, "model_fingerprint": fingerprint,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from .data import Dataset, fold_indices, load_dataset, split_indices
 from .errors import ConfigError
 from .models import LoadedModel, ModelAdapter, ModelSpec, StageMap, adapter_for, detect_stages, resolve_model
 from .models.load import pick_device, placement
+from .models.peft_adapter import add_bases
 from .prompts import DEFAULT_QUESTION, build_prompt
 from .results import LocusResult, ModelResult, Results
 from .settings import Settings
@@ -38,6 +39,10 @@ class ModelPlan:
     thresholds: Any
     #: how the model is loaded, fed and read (:mod:`pytest_mllmprobe.models.adapter`)
     adapter: ModelAdapter
+    #: where each stage lives in the module tree (:func:`~pytest_mllmprobe.models.changes.stage_roots`)
+    roots: dict[str, str] = field(default_factory=dict)
+    #: tensor names in the saved files -> the model's names (a compared full fine-tune's weights)
+    tensor_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def loci(self) -> tuple[str, ...]:
@@ -69,6 +74,8 @@ class Plan:
     test: np.ndarray
     models: tuple[ModelPlan, ...]
     folds: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    #: ``--mllm-compare-to base``: each PEFT adapter's label -> its base's label
+    references: dict[str, str] = field(default_factory=dict)
 
 
 def plan(settings: Settings) -> Plan:
@@ -76,13 +83,15 @@ def plan(settings: Settings) -> Plan:
     from .thresholds import load_thresholds
 
     specs = _model_specs(settings)
-    adapters = [adapter_for(spec, trust_remote_code=settings.trust_remote_code) for spec in specs]
+    adapters = [adapter_for(spec, trust_remote_code=settings.trust_remote_code, base_model=settings.base_model)
+                for spec in specs]
+    references = add_bases(settings.compare_to, specs, adapters)  # --mllm-compare-to base
     _preflight(settings, specs, adapters)
     dataset = _dataset(settings, specs)
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = tuple(_model_plan(settings, spec, adapter, threshold_set) for spec, adapter in zip(specs, adapters))
-    return Plan(settings, dataset, train, test, models, folds)
+    return Plan(settings, dataset, train, test, models, folds, references)
 
 
 def _preflight(settings: Settings, specs: list[ModelSpec], adapters: list[ModelAdapter]) -> None:
@@ -115,9 +124,14 @@ def _model_specs(settings: Settings) -> list[ModelSpec]:
 
 def _model_plan(settings: Settings, spec: ModelSpec, adapter: ModelAdapter, threshold_set: Any) -> ModelPlan:
     """One model's rules and stage map, detected on the ``meta`` device (no weights read)."""
+    from .models.changes import stage_roots, tensor_names
+
     structure = adapter.structure()
     unmapped = ModelPlan(spec, None, threshold_set.for_model(spec.label, spec.source), adapter)
-    return replace(unmapped, stage_map=detect_stages(structure, *unmapped.stage_overrides(settings)))
+    stage_map = detect_stages(structure, *unmapped.stage_overrides(settings))
+    # a compared full fine-tune: its saved tensors' names (headers only), for per-stage fingerprints
+    names = tensor_names(spec.source, structure, adapter) if settings.compare_to is not None else {}
+    return replace(unmapped, stage_map=stage_map, roots=stage_roots(structure, stage_map), tensor_names=names)
 
 
 def _split(settings: Settings, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
@@ -168,9 +182,14 @@ def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
     )
 
 
-def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None) -> ModelResult:
-    """One model through the pipeline: load, extract, answer, probe, score, judge."""
+def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None,
+             keep: Callable[[LoadedModel], None] | None = None) -> ModelResult:
+    """One model through the pipeline: load, extract, answer, probe, score, judge.
+
+    ``keep`` receives the loaded model once its features are extracted (a PEFT adapter of the same
+    run takes its base from there instead of loading it again)."""
     run = ModelRun(the_plan, model_plan, progress)
+    run.keep = keep
     features = run.features()  # load + extract + answer, or the feature cache
     probed = run.probe(features)
     loci = run.score(features, probed)
@@ -204,6 +223,7 @@ class ModelRun:
         self.uncertainty: dict[str, Any] = {}
         #: the random-initialisation twin's stage scores and cost (``--mllm-controls random-init``)
         self.twin: dict[str, Any] | None = None
+        self.keep: Callable[[LoadedModel], None] | None = None
 
     # -- load, extract, answer ------------------------------------------------------------
     def features(self) -> Features:
@@ -230,6 +250,8 @@ class ModelRun:
         features = self.extract(loaded, prompt)
         if self.settings.answer == "generate":
             self.generated = self.answer(loaded, prompt)
+        if self.keep is not None:
+            self.keep(loaded)
         return features
 
     def load(self) -> LoadedModel:
@@ -491,20 +513,23 @@ class Evaluator:
         self._raw: dict[str, ModelResult] = {}
         settings = the_plan.settings
         labels = [m.spec.label for m in the_plan.models]
-        if settings.compare_to is not None:
+        #: model label -> the label of the model it is compared with (same run, same data and split)
+        self.references = dict(the_plan.references)
+        if settings.compare_to is not None and not self.references:
             if settings.compare_to not in labels:
                 raise ConfigError(
                     f"--mllm-compare-to {settings.compare_to!r} is not one of the models of this run "
                     f"({', '.join(labels)}); name the reference by its label"
                 )
-            reference = self.model_plan(settings.compare_to)
-            for model in the_plan.models:
-                if model.loci != reference.loci:
-                    raise ConfigError(
-                        f"--mllm-compare-to {settings.compare_to!r}: model {model.spec.label!r} has "
-                        f"another architecture ({len(model.loci)} loci, the reference "
-                        f"{len(reference.loci)}); compare checkpoints of the same architecture"
-                    )
+            self.references = {label: settings.compare_to for label in labels if label != settings.compare_to}
+        for label, name in self.references.items():
+            model, reference = self.model_plan(label), self.model_plan(name)
+            if model.loci != reference.loci:
+                raise ConfigError(
+                    f"--mllm-compare-to {settings.compare_to!r}: model {model.spec.label!r} has "
+                    f"another architecture ({len(model.loci)} loci, the reference "
+                    f"{len(reference.loci)}); compare checkpoints of the same architecture"
+                )
         self.baseline: dict[str, Any] | None = None
         if settings.baseline and not settings.update_baseline:
             from .baseline import check_compatible, load_baseline
@@ -513,7 +538,7 @@ class Evaluator:
             summary = data_summary(the_plan)
             # With --mllm-compare-to the others are compared with the reference model, and only
             # the reference with the baseline; otherwise every model with its baseline entry.
-            users = [settings.compare_to] if settings.compare_to is not None else labels
+            users = [label for label in labels if label not in self.references]
             for model in the_plan.models:
                 if model.spec.label not in users:
                     continue
@@ -530,8 +555,32 @@ class Evaluator:
     def raw(self, label: str) -> ModelResult:
         """The model's own result, before any comparison."""
         if label not in self._raw:
-            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress)
+            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress, keep=self._keeper(label))
+            taker = self.model_plan(label).adapter
+            if hasattr(taker, "offer_base"):  # a base it was offered and did not need is let go
+                taker.offer_base(None, None)
         return self._raw[label]
+
+    def _keeper(self, label: str) -> Callable[[LoadedModel], None] | None:
+        """Hand this model, once extracted, to a PEFT adapter of the run that is based on it and
+        not evaluated yet: the base's weights are read once for both."""
+        from .models.peft_adapter import PeftAdapter
+
+        mine = self.model_plan(label).adapter
+        for model in self.plan.models:
+            adapter = model.adapter
+            if (isinstance(adapter, PeftAdapter) and adapter.base_adapter is mine
+                    and model.spec.label not in self._raw):
+                return lambda loaded: adapter.offer_base(loaded.model, loaded.processor)
+        return None
+
+    def changes(self, label: str) -> dict[str, Any] | None:
+        """Which stages the model's weights changed, per stage (:mod:`.models.changes`)."""
+        from .models.changes import fine_tune_changes
+
+        model, name = self.model_plan(label), self.references.get(label)
+        reference = self.model_plan(name) if name is not None else None
+        return fine_tune_changes(model, reference)
 
     def result(self, label: str) -> ModelResult:
         """The model's result with its comparison applied; errors are cached and re-raised."""
@@ -554,17 +603,22 @@ class Evaluator:
         from dataclasses import replace
 
         from .baseline import compare, power, regressed_stages
+        from .models.changes import contradictions
 
+        if label in self.references:  # the reference first: a PEFT adapter may take its loaded base
+            self.raw(self.references[label])
         result = self.raw(label)
         settings = self.plan.settings
-        if settings.compare_to is not None and label != settings.compare_to:
-            reference, what = self.entry(settings.compare_to), f"model {settings.compare_to!r}"
-            kind, name = "model", settings.compare_to
+        changes = self.changes(label)
+        if label in self.references:
+            name = self.references[label]
+            reference, what = self.entry(name), f"{'base ' if self.plan.references else ''}model {name!r}"
+            kind = "model"
         elif self.baseline is not None:
             reference, what = self.baseline["models"][label], f"baseline {settings.baseline!r}"
             kind, name = "baseline", str(settings.baseline)
         else:
-            return result
+            return replace(result, changes=changes) if changes is not None else result
         groups = self.plan.dataset.groups
         test_groups = None if groups is None else np.asarray(groups, dtype=object)[self.plan.test]
         thresholds = self.model_plan(label).thresholds
@@ -574,7 +628,9 @@ class Evaluator:
             "regressed_stages": regressed_stages(verdicts),
             "power": power(result, reference, thresholds, test_groups),
         }
-        return replace(result, verdicts=verdicts, comparison=comparison)
+        if changes is not None:
+            comparison["contradictions"] = contradictions(changes, comparison["regressed_stages"])
+        return replace(result, verdicts=verdicts, comparison=comparison, changes=changes)
 
 
 def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **options: Any) -> Results:

@@ -236,6 +236,7 @@ def model_summary(result: Any) -> dict[str, Any]:
         "uncertainty": uncertainty_line(result),
         "power": power_line(result),
         "random_init": random_init_line(result),
+        **changes_lines(result),
     }
 
 
@@ -271,6 +272,22 @@ def random_init_line(result: Any) -> str | None:
     cost = twin.get("cost_s")
     return (f"random-init twin: {profile} (same architecture, re-initialised weights; "
             f"cost {cost:.1f} s{', from the cache' if twin.get('cached') else ''})")
+
+
+def changes_lines(result: Any) -> dict[str, Any]:
+    """What the fine-tune changed (``changes``) and the regressions its weights cannot explain
+    (``contradiction``), for the summary; nothing when the run does not know."""
+    changes = getattr(result, "changes", None)
+    if not changes:
+        return {}
+    lines = {"changes": f"{changes['text']} (vs {changes['against']})"}
+    found = (result.comparison or {}).get("contradictions") or []
+    if found:
+        lines["contradiction"] = (
+            f"contradiction: regression reported in {', '.join(found)}, whose weights (and every upstream "
+            "stage's) did not change: noise or a measurement bug, not the fine-tune"
+        )
+    return lines
 
 
 def memory_line(timings: dict[str, float]) -> str | None:

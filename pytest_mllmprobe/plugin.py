@@ -88,7 +88,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 #: Ini keys holding paths: relative values are read from the ini file's folder, as pytest does
 #: for its own path keys. Inputs are rebased only when that path exists (a model may be a hub
 #: id, data may be ``module:function``); outputs always.
-INPUT_PATH_KEYS = ("mllm_model", "mllm_data", "mllm_thresholds", "mllm_baseline")
+INPUT_PATH_KEYS = ("mllm_model", "mllm_data", "mllm_thresholds", "mllm_baseline", "mllm_base_model")
 OUTPUT_PATH_KEYS = ("mllm_save_baseline", "mllm_report", "mllm_cache_dir")
 
 
@@ -163,6 +163,7 @@ def settings_from_config(config: pytest.Config, require_model: bool = True) -> A
         save_baseline=values["mllm_save_baseline"],
         update_baseline=bool(values["mllm_update_baseline"]),
         compare_to=values["mllm_compare_to"],
+        base_model=values["mllm_base_model"],
         folds=values["mllm_folds"],
         bootstrap=values["mllm_bootstrap"],
         permutations=values["mllm_permutations"],
@@ -663,6 +664,10 @@ class ProbeReporter:
                 tr.write_line(f"  {summary['memory']}", yellow=True)
             healthy = summary["first_failing_stage"] is None
             tr.write_line(f"  {summary['diagnosis']}", red=not healthy, green=healthy)
+            if summary.get("changes"):
+                tr.write_line(f"  {summary['changes']}")
+            if summary.get("contradiction"):
+                tr.write_line(f"  {summary['contradiction']}", red=True)
             tr.write_line(f"  {len(outcomes)} probe tests ran, {failed} failed")
         skipped = (self.data or {}).get("skipped") or []
         if skipped:

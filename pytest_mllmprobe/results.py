@@ -187,6 +187,8 @@ class ModelResult:
     uncertainty: dict[str, Any] = field(default_factory=dict)
     #: the random-initialisation twin's stage scores (``--mllm-controls random-init``)
     random_init: dict[str, Any] | None = None
+    #: which stages the fine-tune's weights changed (:mod:`pytest_mllmprobe.models.changes`)
+    changes: dict[str, Any] | None = None
 
     @property
     def failing_stages(self) -> list[str]:
@@ -238,6 +240,7 @@ class ModelResult:
             "timings": dict(self.timings),
             "comparison": self.comparison,
             "answers": self.answers,
+            "changed_stages": self.changes,
         }
 
 

@@ -50,6 +50,8 @@ class Settings:
     save_baseline: str | None = None
     update_baseline: bool = False
     compare_to: str | None = None
+    #: the base of every PEFT adapter among ``models``, replacing ``base_model_name_or_path``
+    base_model: str | None = None
     folds: int | None = None
     answer: str = "likelihood"
     cache_dir: str | None = None

@@ -17,6 +17,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: what the Hugging Face Trainer writes into a ``checkpoint-N`` folder besides the model
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth",
+                 "scaler.pt")
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,20 @@ def resolve_model(name: str) -> ModelSpec:
     if ENTRY_POINT.match(name) and not path.exists():
         return ModelSpec(name.rpartition(":")[2], name, entry_point=True)
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            trainer = sorted(p.name for p in path.iterdir() if p.name in TRAINER_FILES)
+            if trainer:
+                raise ConfigError(
+                    f"--mllm-model {name!r} holds training state only ({', '.join(trainer)}), no model: "
+                    "neither config.json with weights (a full fine-tune saved by the Trainer) nor "
+                    "adapter_config.json (a PEFT adapter); point --mllm-model at a checkpoint-N folder "
+                    "that has them, or save the model with model.save_pretrained(path)"
+                )
+        if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise ConfigError(
                 f"--mllm-model {name!r} is not a saved model: expected a folder with config.json "
-                "(written by model.save_pretrained and processor.save_pretrained), 'demo', or a "
+                "(written by model.save_pretrained and processor.save_pretrained), a PEFT adapter "
+                "folder with adapter_config.json, 'demo', or a "
                 "hub id such as 'org/name'"
             )
         label = path.resolve().name

@@ -7,14 +7,23 @@ from ..errors import ConfigError
 from .adapter import ModelAdapter
 from .llava_original import LlavaOriginalAdapter, is_llava_original, raw_config
 from .load import ModelSpec
+from .peft_adapter import PeftAdapter, find_base, is_peft_adapter, read_adapter_config
 from .remote import RemoteCausalLMAdapter, is_remote_causal_lm
 
 
-def adapter_for(spec: ModelSpec, *, trust_remote_code: bool = False) -> ModelAdapter:
+def adapter_for(spec: ModelSpec, *, trust_remote_code: bool = False, base_model: str | None = None) -> ModelAdapter:
     """The adapter of ``--mllm-model``: a user's ``module:function``, or the built-in that fits the
-    checkpoint (LLaVA-original layout, causal-LM remote code, else transformers' classes)."""
+    checkpoint (a PEFT adapter over its base, LLaVA-original layout, causal-LM remote code, else
+    transformers' classes). ``base_model`` (``--mllm-base-model``) replaces a PEFT adapter's base."""
     if spec.entry_point:
         return entry_point_adapter(spec.source)
+    if is_peft_adapter(spec.source):
+        config = read_adapter_config(spec.source)
+        base = find_base(spec.source, config, base_model)
+        adapter = PeftAdapter(spec.source, adapter_for(ModelSpec(base, base), trust_remote_code=trust_remote_code),
+                              base, config)
+        adapter.check_type()
+        return adapter
     raw = raw_config(spec.source)
     if is_llava_original(raw):
         return LlavaOriginalAdapter(spec.source)
