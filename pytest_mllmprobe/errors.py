@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -21,3 +22,15 @@ def close_matches(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not found:
         return ""
     return " (did you mean " + " or ".join(repr(f) for f in found) + "?)"
+
+
+def require_extra(module: str, message: str) -> Any:
+    """Import an optional dependency (``module``, dotted names import the submodule), or raise a
+    :class:`ConfigError` with ``message``, which names the extra that installs it."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(message) from exc
+    return importlib.import_module(module.split(".")[0])

@@ -14,6 +14,15 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 pytest_plugins = ["pytester"]
 
+# pytester puts sys.modules back as it was after every test that uses it, so a C extension first
+# imported inside such a test is imported a second time by the next one, which numpy and torch
+# refuse ("cannot load module more than once per process"). Import them once, up front.
+import numpy  # noqa: E402,F401
+import scipy.stats  # noqa: E402,F401
+import sklearn.metrics  # noqa: E402,F401
+import torch  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 

@@ -22,28 +22,13 @@ from pytest_mllmprobe.data import DATASETS_EXTRA, Dataset, load_dataset, split_i
 from pytest_mllmprobe.errors import ConfigError
 
 from .conftest import subprocess_env
+from .test_data import NAMES, PER_CLASS, _patient, digits  # noqa: F401 - the same 36 digits as the folder tests
 from .test_plugin_options import _usage_error
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("pyarrow")
 
-NAMES = ["nil", "one", "two"]
-PER_CLASS = 12
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """36 real digits (classes 0, 1, 2; 12 each, class-major), as uint8 0..240."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits(n_class=3)
-    picks = np.concatenate([np.flatnonzero(bunch.target == c)[:PER_CLASS] for c in range(3)])
-    return (bunch.images[picks] * 15).astype(np.uint8), bunch.target[picks].astype(np.int64)
-
-
-def _patient(i: int) -> str:
-    return f"p{i // 3:02d}"  # three consecutive images per patient
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def qwen_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def lesions300(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """300 fresh synthetic images (90 paired test images), as tests/test_gating.py uses."""
+    """300 fresh synthetic images (every one a paired test image), as tests/test_gating.py uses."""
     from pytest_mllmprobe.demo.synth import make_images, write_image_folder
 
     return write_image_folder(make_images(100, seed=99), tmp_path_factory.mktemp("lesions300"))
@@ -96,10 +96,10 @@ def test_compare_to_base_names_a_collapsed_connector_as_root_cause(
     outcomes = result.parseoutcomes()
     assert outcomes["failed"] >= 1 and outcomes["passed"] >= 18, result.stdout.str()
     result.stdout.fnmatch_lines([
-        "*lingshu-busi-lora (llava, 90 test images*",
+        "*lingshu-busi-lora (llava, 300 test images*",
         "*root cause of the regression vs base model 'lesion-base': connector*",
         "*changed: connector (1 LoRA module); unchanged: vision, llm, answer (vs its base*lesion-base)",
-        "*lesion-base (llava, 90 test images*",
+        "*lesion-base (llava, 300 test images*",
     ])
     assert "contradiction" not in result.stdout.str()
     doc = json.loads((report / "results.json").read_text())
@@ -193,7 +193,7 @@ def test_a_trainer_checkpoint_with_sharded_weights_loads_as_it_is(
                                            "--mllm-model=demo", "--mllm-compare-to=demo", *RUN)
     result.assert_outcomes(passed=36)
     result.stdout.fnmatch_lines([
-        "*checkpoint-1200 (llava, 18 test images*",
+        "*checkpoint-1200 (llava, 60 test images*",
         "*no regression vs model 'demo'*",
         "*changed: nothing; unchanged: vision, connector, llm, answer (vs model 'demo')",
     ])

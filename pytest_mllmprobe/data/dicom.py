@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_extra
 from .pixels import SKIP_HINT, minmax_to_uint8, scale_to_uint8
 
 DICOM_EXTRA = 'pip install "pytest-mllmprobe[dicom]"'
@@ -28,13 +28,8 @@ DICOM_EXTRA = 'pip install "pytest-mllmprobe[dicom]"'
 
 def require_pydicom(what: str) -> Any:
     """Import pydicom or raise a :class:`ConfigError` naming the optional extra."""
-    try:
-        import pydicom
-    except ImportError as exc:
-        raise ConfigError(
-            f"{what} is a DICOM file, and reading DICOM needs the optional pydicom package: "
-            f"{DICOM_EXTRA} (or pip install pydicom)"
-        ) from exc
+    return require_extra("pydicom", f"{what} is a DICOM file, and reading DICOM needs the optional pydicom "
+                                    f"package: {DICOM_EXTRA} (or pip install pydicom)")
     return pydicom
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_extra
 
 DATASETS_EXTRA = 'pip install "pytest-mllmprobe[datasets]"'
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -34,16 +34,12 @@ _ARROW_FILE_MAGIC = b"ARROW1"
 
 
 def require_pyarrow(what: str) -> Any:
-    """Import pyarrow or raise a :class:`ConfigError` naming the optional extra."""
-    try:
-        import pyarrow
-        import pyarrow.ipc  # noqa: F401 - the submodules this module uses
-        import pyarrow.parquet  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(
-            f"{what} is a parquet/arrow dataset, and reading it needs the optional pyarrow "
-            f"package: {DATASETS_EXTRA} (or pip install pyarrow)"
-        ) from exc
+    """Import pyarrow (with the submodules this module uses) or raise a :class:`ConfigError`
+    naming the optional extra."""
+    message = (f"{what} is a parquet/arrow dataset, and reading it needs the optional pyarrow "
+               f"package: {DATASETS_EXTRA} (or pip install pyarrow)")
+    require_extra("pyarrow.ipc", message)
+    return require_extra("pyarrow.parquet", message)
     return pyarrow
 
 

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_extra
 from .adapter import ModelAdapter
 from .families import Segments
 
@@ -65,14 +65,8 @@ def read_adapter_config(source: str) -> dict[str, Any]:
 
 def require_peft(source: str) -> Any:
     """The ``peft`` module, or a usage error naming the extra."""
-    try:
-        import peft
-    except ImportError as exc:
-        raise ConfigError(
-            f"--mllm-model {source!r} is a PEFT adapter ({ADAPTER_CONFIG}), which needs the peft package: "
-            f"{EXTRA_HINT}"
-        ) from exc
-    return peft
+    return require_extra("peft", f"--mllm-model {source!r} is a PEFT adapter ({ADAPTER_CONFIG}), which needs the "
+                                 f"peft package: {EXTRA_HINT}")
 
 
 def find_base(source: str, config: dict[str, Any], override: str | None) -> str:
