@@ -644,7 +644,7 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
     unknown = sorted(set(options) - set(Settings.field_names()))
     if unknown:
         raise TypeError(f"run() got unknown settings {unknown}; valid: {', '.join(Settings.field_names())}")
-    for key in ("thresholds",):
+    for key in ("thresholds", "controls"):
         if isinstance(options.get(key), str):
             options[key] = (options[key],)
     settings = Settings(models=tuple(models), data=data, **options)

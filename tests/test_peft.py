@@ -172,11 +172,25 @@ def test_a_base_not_where_the_adapter_says_is_given_with_base_model(
     result.stdout.fnmatch_lines([f"*changed: llm (8 LoRA modules); unchanged: vision, connector, answer (vs its base {local})"])
 
 
+def _parquet_of(folder: Path, target: Path) -> Path:
+    """An image folder as a Hugging Face parquet file (PNG bytes, a ClassLabel), written by datasets."""
+    datasets = pytest.importorskip("datasets")
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    files = sorted(folder.rglob("*.png"))
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": f.read_bytes(), "path": f.name} for f in files],
+         "label": [names.index(f.parent.name) for f in files]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}),
+    )
+    table.to_parquet(str(target))
+    return target
+
+
 def test_a_trainer_checkpoint_with_sharded_weights_loads_as_it_is(
     pytester: pytest.Pytester, lesion_data: Path
 ) -> None:
-    """``pytest --mllm-model ./full-finetune/checkpoint-1200 --mllm-data ./busi``: sharded
-    safetensors with their index, and the Trainer's files beside them."""
+    """``pytest --mllm-model ./full-finetune/checkpoint-1200 --mllm-data ./busi.parquet``: sharded
+    safetensors with their index, and the Trainer's files beside them; the data a parquet file."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -189,7 +203,8 @@ def test_a_trainer_checkpoint_with_sharded_weights_loads_as_it_is(
     torch.save({"last_epoch": 1200}, folder / "scheduler.pt")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1200}))
     assert len(list(folder.glob("model-*.safetensors"))) > 3 and (folder / "model.safetensors.index.json").is_file()
-    result = pytester.runpytest_subprocess("--mllm-model=full-finetune/checkpoint-1200", f"--mllm-data={lesion_data}",
+    busi = _parquet_of(lesion_data, pytester.path / "busi.parquet")  # the issue's ./busi.parquet
+    result = pytester.runpytest_subprocess("--mllm-model=full-finetune/checkpoint-1200", f"--mllm-data={busi}",
                                            "--mllm-model=demo", "--mllm-compare-to=demo", *RUN)
     result.assert_outcomes(passed=36)
     result.stdout.fnmatch_lines([
