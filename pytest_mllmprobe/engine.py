@@ -433,9 +433,11 @@ class ModelRun:
             )
             if out.controls is not None:
                 loci[name].control = control(y_test, loci[name], out.controls, k)
-        lens_note = self.lens(features, y_test, chance, folds, loci, sets)
-        self.answers = {**(self.answers or {}), "lens": {"note": lens_note,
-                                                          "layers": sum(1 for n in loci if n.startswith("lens."))}}
+        lens_note, lens_head = self.lens(features, y_test, chance, folds, loci, sets)
+        self.answers = {**(self.answers or {}), "lens": {
+            "note": lens_note, "layers": sum(1 for n in loci if n.startswith("lens.")),
+            "head": lens_head, "cost": "no forward: read from the last-token rows the extraction keeps",
+        }}
         invariance = scoring.invariance_groups(y_test, features.answer_scores[test], {
             n: v[test] for n, v in features.variant_scores.items()}, self.variants())
         if invariance:
@@ -444,24 +446,24 @@ class ModelRun:
         return loci
 
     def lens(self, features: Features, y_test: np.ndarray, chance: dict[str, float], folds: list[np.ndarray],
-             loci: dict[str, LocusResult], sets: dict[str, Any]) -> str | None:
+             loci: dict[str, LocusResult], sets: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
         """The logit lens loci ``lens.<i>`` (added to ``loci`` and ``sets``), scored like the probes
-        on the test images; ``None``, or why there is no lens."""
+        on the test images: ``(None, what the lens read through)``, or ``(why there is none, None)``."""
         from . import scoring
         from .lens import PREFIX, READOUT, logits, verify
         from .models.load import pick_dtype
 
         last = [f"llm.{i}.last" for i in range(len(self.stage_map.llm_layers))]
         if features.lens is None or features.first_logits is None or not all(n in features.loci for n in last):
-            return features.lens_note or "the features hold no last-token rows or no final norm and LM head"
+            return features.lens_note or "the features hold no last-token rows or no final norm and LM head", None
         dtype = str(pick_dtype(self.settings.dtype, pick_device(self.settings.device))).replace("torch.", "")
-        note = verify(features.lens, features.loci[last[-1]], features.first_logits, dtype)
-        if note is not None:
-            return note
+        head, note = verify(features.lens, features.loci[last[-1]], features.first_logits, dtype)
+        if head is None:
+            return note, None
         test = self.plan.test
         k = len(self.dataset.class_names)
         for i, name in enumerate(last):
-            z = logits(features.lens, features.loci[name][test])
+            z = logits(head, features.loci[name][test])
             ok = np.isfinite(z).all(axis=1)
             said = np.where(ok, np.nan_to_num(z).argmax(axis=1), -1)
             proba = np.where(ok[:, None], scoring.softmax_rows(np.nan_to_num(z)), 0.0)
@@ -471,7 +473,7 @@ class ModelRun:
             locus.stage, locus.readout = "llm", READOUT  # drawn at its decoder layer; no test of its own
             loci[locus.name] = locus
             sets[locus.name] = lens_score
-        return None
+        return None, head.meta()
 
     def intervals(self, loci: dict[str, LocusResult], sets: dict[str, Any], y_test: np.ndarray) -> None:
         """95% bootstrap intervals of every locus metric, stage score and transition ratio

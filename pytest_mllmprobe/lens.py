@@ -108,23 +108,40 @@ def logits(head: LensHead, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def verify(head: LensHead, last_rows: np.ndarray, first_logits: np.ndarray, dtype: str) -> str | None:
-    """``None`` when the lens at the last layer gives the model's own class logits (up to a shift
-    per image, which the softmax over the vocabulary adds), else why not."""
+def relative_error(head: LensHead, last_rows: np.ndarray, first_logits: np.ndarray) -> float:
+    """The largest difference between the lens at the last layer and the model's own class
+    logits, both shifted to mean 0 per image (the softmax over the vocabulary adds such a
+    shift), relative to the largest of the model's own."""
     ours = logits(head, last_rows)
     theirs = np.asarray(first_logits, dtype=np.float64)
     if not (np.isfinite(ours).all() and np.isfinite(theirs).all()):
-        return "the last layer's states or the model's logits are not finite"
+        return float("inf")
     ours = ours - ours.mean(axis=1, keepdims=True)
     theirs = theirs - theirs.mean(axis=1, keepdims=True)
-    spread = float(np.abs(theirs).max())
-    error = float(np.abs(ours - theirs).max()) / max(spread, 1e-6)
+    return float(np.abs(ours - theirs).max()) / max(float(np.abs(theirs).max()), 1e-6)
+
+
+def verify(head: LensHead, last_rows: np.ndarray, first_logits: np.ndarray,
+           dtype: str) -> tuple[LensHead | None, str | None]:
+    """``(head, None)`` when the lens at the last layer gives the model's own class logits, else
+    ``(None, why)``.
+
+    The soft-capping and scale read from the config are candidates, not facts: whether a model
+    class applies them differs (Gemma 3's image-text class does not apply its text config's
+    soft-capping, PaliGemma's does), so the head is tried with and without each, and the one
+    that reproduces the model's own logits is kept."""
+    candidates = [head]
+    for change in ({"softcap": None}, {"scale": None}, {"softcap": None, "scale": None}):
+        if any(getattr(head, key) is not None for key in change):
+            candidates.append(LensHead(**{**head.__dict__, **change}))
     allowed = TOLERANCE["float32"] if dtype == "float32" else TOLERANCE["other"]
-    if error <= allowed:
-        return None
-    return (f"the final norm and LM head read from the model do not reproduce its own logits at the last "
-            f"layer (relative error {error:.3g} > {allowed:g}): its answer is not head(norm(last layer)) "
-            "(an extra projection, a modified head, or a norm of another kind), so no lens is reported")
+    errors = [relative_error(c, last_rows, first_logits) for c in candidates]
+    best = int(np.argmin(errors))
+    if errors[best] <= allowed:
+        return candidates[best], None
+    return None, (f"the final norm and LM head read from the model do not reproduce its own logits at the last "
+                  f"layer (relative error {errors[best]:.3g} > {allowed:g}): its answer is not head(norm(last "
+                  "layer)) (an extra projection, a modified head, or a norm of another kind), so no lens is reported")
 
 
 # -- torch: what the lens needs, taken from the loaded model --------------------------------------
@@ -134,7 +151,15 @@ def capture(model: Any, last_layer_path: str, first_ids: list[int]) -> tuple[Len
     """``(head, None)``, or ``(None, why)`` when the model's final norm or head cannot be read.
 
     ``last_layer_path`` is the last decoder layer (``model.language_model.layers.3``); the final
-    norm is looked for on the module that holds the layer list."""
+    norm is looked for on the module that holds the layer list. A model whose head or norm
+    cannot be read this way gets no lens (the run goes on and says why), never an error."""
+    try:
+        return _capture(model, last_layer_path, first_ids)
+    except Exception as exc:  # an unusual head or norm: no lens, and the reason
+        return None, f"the final norm and LM head could not be read ({type(exc).__name__}: {exc}); no lens is reported"
+
+
+def _capture(model: Any, last_layer_path: str, first_ids: list[int]) -> tuple[LensHead | None, str | None]:
     import torch
 
     if len(set(first_ids)) < len(first_ids):
