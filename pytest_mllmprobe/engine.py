@@ -439,7 +439,8 @@ class ModelRun:
             "head": lens_head, "cost": "no forward: read from the last-token rows the extraction keeps",
         }}
         invariance = scoring.invariance_groups(y_test, features.answer_scores[test], {
-            n: v[test] for n, v in features.variant_scores.items()}, self.variants())
+            n: v[test] for n, v in features.variant_scores.items()}, self.variants(),
+            (self.dataset.prompt or DEFAULT_QUESTION, list(self.spoken)))
         if invariance:
             self.answers["invariance"] = {**invariance, "cost_s": self.timings.get("answer_variants_s")}
         self.intervals(loci, sets, y_test)

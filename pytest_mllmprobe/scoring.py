@@ -229,10 +229,12 @@ def invariance(y_test: np.ndarray, score_sets: Sequence[np.ndarray]) -> dict[str
 
 
 def invariance_groups(y_test: np.ndarray, own: np.ndarray, variants: dict[str, np.ndarray],
-                      described: Sequence[tuple[str, str, list[str]]]) -> dict[str, Any]:
+                      described: Sequence[tuple[str, str, list[str]]],
+                      own_prompt: tuple[str, list[str]] = ("", [])) -> dict[str, Any]:
     """:func:`invariance` over the option orders (``order.<r>``) and over the wordings
     (``prompt.<j>``), each beside the run's own prompt; ``described`` is ``(name, template,
-    option order)`` of each variant. Empty when the run scored no variant."""
+    option order)`` of each variant, ``own_prompt`` the run's own ``(template, option order)``.
+    Empty when the run scored no variant."""
     out: dict[str, Any] = {}
     for group, prefix in (("orders", "order."), ("prompts", "prompt.")):
         names = [name for name, _, _ in described if name.startswith(prefix) and name in variants]
@@ -241,7 +243,7 @@ def invariance_groups(y_test: np.ndarray, own: np.ndarray, variants: dict[str, n
         out[group] = {
             **invariance(y_test, [own, *(variants[n] for n in names)]),
             "variants": ["own", *names],
-            "what": [None, *(order if group == "orders" else template
+            "what": [own_prompt[1] if group == "orders" else own_prompt[0], *(order if group == "orders" else template
                              for name, template, order in described if name in names)],
         }
     return out

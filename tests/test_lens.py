@@ -18,6 +18,7 @@ from pytest_mllmprobe import run
 from pytest_mllmprobe.demo import DEMO_DATA
 from pytest_mllmprobe.errors import ConfigError
 from pytest_mllmprobe.lens import PREFIX, READOUT, LensHead, logits, verify
+from pytest_mllmprobe.prompts import DEFAULT_QUESTION
 
 from .faults import build_faulty
 
@@ -118,6 +119,8 @@ def test_lens_loci_are_scored_like_probes_but_have_no_test_of_their_own(healthy)
 def test_the_healthy_answer_survives_rotated_options(healthy) -> None:
     orders = healthy.answers["invariance"]["orders"]
     assert orders["n_prompts"] == K and len(orders["accuracy"]) == K
+    own = orders["what"][0]
+    assert orders["what"] == [own, own[1:] + own[:1], own[2:] + own[:2]]  # cyclic rotations
     assert orders["accuracy"][0] == healthy.scores["P_final"]  # the run's own order comes first
     assert orders["consistency"] >= 0.9
     assert orders["circular_accuracy"] <= min(orders["accuracy"])
@@ -272,7 +275,7 @@ def test_prompt_wordings_from_the_dataset_yaml_are_scored(tmp_path: Path) -> Non
     result = run("demo", data=str(config), bootstrap=0, permutations=0)["demo"]
     prompts = result.answers["invariance"]["prompts"]
     assert prompts["n_prompts"] == 3 and "orders" not in result.answers["invariance"]
-    assert prompts["what"][1] == "Which finding? Options: {options}."
+    assert prompts["what"][0] == DEFAULT_QUESTION and prompts["what"][1] == "Which finding? Options: {options}."
     assert 1 / 3 <= prompts["consistency"] <= 1.0
     assert any(c.metric == "consistency (prompts)" for c in result.verdicts["stage.answer"].checks)
 
@@ -323,3 +326,36 @@ def test_the_pipeline_plot_draws_the_lens_beside_the_last_token_probe(healthy) -
     last = lines["probe: LLM last token"]
     assert list(lens.get_xdata()) == list(last.get_xdata())
     np.testing.assert_allclose(lens.get_ydata(), _lens(healthy))
+
+
+# -- the failure text: where probe and lens part --------------------------------------------------
+
+def _curve(probe: list[float], lens: list[float]) -> dict:
+    """Loci of a 3-class model with these last-token probe and lens accuracies (chance 1/3)."""
+    from pytest_mllmprobe.results import LocusResult
+
+    def locus(name: str, value: float) -> LocusResult:
+        return LocusResult(name=name, stage="llm", layer=None, readout=None, dim=8, accuracy=value,
+                           balanced_accuracy=value, chance={"accuracy": 1 / 3}, correct=np.array([True]))
+
+    loci = {f"llm.{i}.last": locus(f"llm.{i}.last", v) for i, v in enumerate(probe)}
+    loci.update({f"{PREFIX}{i}": locus(f"{PREFIX}{i}", v) for i, v in enumerate(lens)})
+    return loci
+
+
+@pytest.mark.parametrize("probe, lens, story", [
+    ([0.3, 0.9, 0.9, 0.9, 0.9, 0.9], [0.3, 0.3, 0.3, 0.9, 0.9, 0.2],
+     "the class is readable from llm.1 on, but in the model's own words only from llm.3 and wrongly after llm.4"),
+    ([0.3, 0.9, 0.9, 0.9], [0.3, 0.9, 0.9, 0.9], "the class is readable from llm.1 on, and in the model's own words from llm.1"),
+    ([0.9, 0.9, 0.9, 0.9], [0.3, 0.1, 0.0, 0.0], "the class is readable from llm.0 on, but the model's own words never say it"),
+    ([0.9, 0.9, 0.9, 0.3], [0.3, 0.3, 0.3, 0.3], "the class is not readable at the last layer's last token"),
+])
+def test_the_lens_rule_names_the_layers_where_probe_and_lens_part(probe, lens, story) -> None:
+    from pytest_mllmprobe.thresholds import load_thresholds
+    from pytest_mllmprobe.verdicts import lens_check
+
+    rules = load_thresholds().for_model("m", "m")
+    check, = lens_check(_curve(probe, lens), "accuracy", rules, {})
+    assert story in check.explanation
+    assert check.passed is (lens[-1] >= 0.8 * probe[-1])
+    assert check.locus == f"{PREFIX}{len(lens) - 1}" and check.rule == "min_lens_keep"
