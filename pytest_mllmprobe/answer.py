@@ -101,6 +101,39 @@ def scores_by_continuation(
     return torch.stack(columns, dim=1)
 
 
+def score_answers(
+    model: Any, processor: Any, adapter: Any, family_name: str, images: Any, prompts: list[str],
+    continuations: list[list[int]], *, batch_size: int, device: Any, dtype: Any,
+) -> Any:
+    """``[N, K]`` closed-set answer scores of every image under ``prompts`` (one per image): one
+    forward per batch (and one per class for multi-token names), no hooks, nothing else read.
+    Used for the answer under other option orders and prompt wordings."""
+    import torch
+
+    from .inputs import last_prompt_index
+
+    columns = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            index = list(range(start, min(start + batch_size, len(prompts))))
+            inputs = adapter.encode(processor, images(index), [prompts[i] for i in index], device, dtype, "left",
+                                    family_name=family_name)
+            extra = adapter.positions(inputs, family_name=family_name)
+            if single_token(continuations):
+                mask = inputs["attention_mask"]
+                last = last_prompt_index(mask)
+                left_padded = bool((last == mask.shape[1] - 1).all())
+                out = model(**inputs, **extra, **no_cache(model), logits_to_keep=1 if left_padded else 0)
+                if left_padded:
+                    logits = out.logits[:, -1]
+                else:
+                    logits = out.logits[torch.arange(mask.shape[0], device=out.logits.device), last]
+                columns.append(scores_from_last_logits(logits, continuations).float().cpu())
+            else:
+                columns.append(scores_by_continuation(model, inputs, continuations, extra).float().cpu())
+    return torch.cat(columns).numpy()
+
+
 GENERATION_TOKENS = 16
 
 

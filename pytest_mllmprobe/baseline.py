@@ -49,11 +49,15 @@ def versions() -> dict[str, str]:
 
 
 def entry_from_result(result: ModelResult, data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """The baseline entry of one model (also the reference of a same-job comparison)."""
+    """The baseline entry of one model (also the reference of a same-job comparison).
+
+    The logit lens loci are left out: they have no test to compare (the answer stage's rule
+    compares ``P_final``)."""
+    loci = {name: locus for name, locus in result.loci.items() if not name.startswith("lens.")}
     return {
         "source": result.source,
         "family": result.stage_map["family"],
-        "loci_names": list(result.loci),
+        "loci_names": list(loci),
         "metric": result.metric,
         "class_names": list(result.class_names),
         "data": {"fingerprint": data["fingerprint"], "test_ids": list(data["test_ids"]),
@@ -64,7 +68,7 @@ def entry_from_result(result: ModelResult, data: dict[str, Any], settings: dict[
                 **{m: _finite_or_none(locus.metric(m)) for m in METRICS},
                 "correct": [int(c) for c in locus.correct],
             }
-            for name, locus in result.loci.items()
+            for name, locus in loci.items()
         },
         "scores": {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in result.scores.items()},
     }

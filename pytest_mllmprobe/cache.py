@@ -31,12 +31,16 @@ from .extract import Features
 from .atomic import atomic_write, remove_stale
 from .data.images import quick_file_hash
 
-FORMAT = 1
-"""Bumped whenever the entry layout or the meaning of the arrays changes (old keys then miss)."""
+FORMAT = 2
+"""Bumped whenever the entry layout or the meaning of the arrays changes (old keys then miss).
+2: the class names' first-token logits, the lens's norm and head rows, the answer variants."""
 
 ANSWER = "answer_scores"
 NAMES = "locus_names"
 LOCUS_PREFIX = "locus/"
+FIRST_LOGITS = "first_logits"
+LENS_PREFIX = "lens/"
+VARIANT_PREFIX = "variant/"
 
 CONFIG_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
@@ -122,6 +126,8 @@ def extraction_settings(the_plan: Any, model_plan: Any) -> dict[str, Any]:
         "device": device.type,
         "dtype": str(pick_dtype(settings.dtype, device)),
         "question": dataset.prompt or DEFAULT_QUESTION,
+        "prompts": list(dataset.prompts),
+        "answer_orders": settings.answer_orders,
         "class_names": list(dataset.class_names),
         "display_names": list(dataset.display_names),
         "stage_map": model_plan.stage_map.to_dict(),
@@ -174,14 +180,26 @@ def load_features(cache_dir: str | os.PathLike[str], key: str) -> Features | Non
             names = [str(n) for n in stored[NAMES]]
             loci = {name: np.array(stored[LOCUS_PREFIX + name]) for name in names}
             answer_scores = np.array(stored[ANSWER])
+            first_logits = np.array(stored[FIRST_LOGITS]) if FIRST_LOGITS in stored.files else None
+            lens_arrays = {f[len(LENS_PREFIX):]: np.array(stored[f]) for f in stored.files if f.startswith(LENS_PREFIX)}
+            variants = {name: np.array(stored[VARIANT_PREFIX + name]) for name in meta.get("variants", [])}
         _check_consistent(loci, answer_scores, meta)
+        for name, X in variants.items():
+            if X.shape != answer_scores.shape:
+                raise ValueError(f"answer variant {name} has shape {X.shape}, expected {answer_scores.shape}")
+        lens = None
+        if meta.get("lens") is not None:
+            from .lens import LensHead
+
+            lens = LensHead.from_parts(meta["lens"], lens_arrays)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         warnings.warn(CacheWarning(
             f"feature cache entry {arrays_path} is unreadable ({type(exc).__name__}: {exc}); "
             "its features are recomputed"
         ), stacklevel=2)
         return None
-    return Features(loci=loci, answer_scores=answer_scores)
+    return Features(loci=loci, answer_scores=answer_scores, first_logits=first_logits, lens=lens,
+                    lens_note=meta.get("lens_note"), variant_scores=variants)
 
 
 def _check_consistent(loci: dict[str, np.ndarray], answer_scores: np.ndarray, meta: dict[str, Any]) -> None:
@@ -205,11 +223,21 @@ def save_features(
     arrays = {NAMES: np.array(list(features.loci), dtype=str), ANSWER: np.asarray(features.answer_scores)}
     for name, X in features.loci.items():
         arrays[LOCUS_PREFIX + name] = np.asarray(X)
+    if features.first_logits is not None:
+        arrays[FIRST_LOGITS] = np.asarray(features.first_logits)
+    if features.lens is not None:
+        for name, X in features.lens.arrays().items():
+            arrays[LENS_PREFIX + name] = np.asarray(X)
+    for name, X in features.variant_scores.items():
+        arrays[VARIANT_PREFIX + name] = np.asarray(X)
     atomic_write(arrays_path, lambda fh: np.savez(fh, **arrays))
     sidecar = {
         "format": FORMAT, "key": key, "loci": list(features.loci),
         "n_images": int(features.answer_scores.shape[0]),
         "bytes": int(sum(a.nbytes for a in arrays.values())),
+        "lens": None if features.lens is None else features.lens.meta(),
+        "lens_note": features.lens_note,
+        "variants": list(features.variant_scores),
         "meta": meta or {},
     }
     text = json.dumps(sidecar, indent=1, sort_keys=True, default=str)

@@ -88,6 +88,11 @@ def plan(settings: Settings) -> Plan:
     references = add_bases(settings.compare_to, specs, adapters)  # --mllm-compare-to base
     _preflight(settings, specs, adapters)
     dataset = _dataset(settings, specs)
+    if settings.answer_orders > len(dataset.class_names):
+        raise ConfigError(
+            f"--mllm-answer-orders {settings.answer_orders}: the prompt lists {len(dataset.class_names)} options, "
+            f"which have only {len(dataset.class_names)} cyclic rotations; use at most {len(dataset.class_names)}"
+        )
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = tuple(_model_plan(settings, spec, adapter, threshold_set) for spec, adapter in zip(specs, adapters))
@@ -248,6 +253,7 @@ class ModelRun:
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
         self.check_flow(loaded, prompt)
         features = self.extract(loaded, prompt)
+        features.variant_scores = self.answer_variants(loaded)
         if self.settings.answer == "generate":
             self.generated = self.answer(loaded, prompt)
         if self.keep is not None:
@@ -347,10 +353,47 @@ class ModelRun:
             on_oom=halved.append, adapter=loaded.adapter,
         )
         self.timings["extract_s"] = time.perf_counter() - start
+        from .lens import capture
+
+        first_ids = [c[0] for c in class_continuations(tokenizer, prompt, self.spoken)]
+        features.lens, features.lens_note = capture(loaded.model, self.stage_map.llm_layers[-1], first_ids)
         if halved:  # reported in the summary
             self.timings.update(oom_halvings=float(len(halved)), batch_size_asked=float(self.settings.batch_size),
                                 batch_size=float(halved[-1]))
         return features
+
+    def variants(self) -> list[tuple[str, str, list[str]]]:
+        """``(name, question template, option order)`` of every extra scoring of the answer: the
+        cyclic rotations of the option order (``--mllm-answer-orders``), then the dataset's other
+        wordings (``prompts``), each with the options in their own order."""
+        template = self.dataset.prompt or DEFAULT_QUESTION
+        spoken = list(self.spoken)
+        out = [(f"order.{r}", template, spoken[r:] + spoken[:r]) for r in range(1, self.settings.answer_orders)]
+        out += [(f"prompt.{j}", wording, spoken) for j, wording in enumerate(self.dataset.prompts, 1)]
+        return out
+
+    def answer_variants(self, loaded: LoadedModel) -> dict[str, np.ndarray]:
+        """The answer scores of every image under each variant prompt: one forward per batch and
+        variant (answer scores only; no locus is read), columns in class order whatever the
+        order the prompt lists them in."""
+        from .answer import class_continuations, score_answers
+
+        variants = self.variants()
+        if not variants:
+            return {}
+        tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        start = time.perf_counter()
+        out = {}
+        for name, template, order in variants:
+            prompt = build_prompt(loaded.processor, order, template)
+            out[name] = score_answers(
+                loaded.model, loaded.processor, loaded.adapter, self.stage_map.family,
+                lambda index: [self.dataset.image(i) for i in index], [prompt] * len(self.dataset),
+                class_continuations(tokenizer, prompt, self.spoken),
+                batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
+            )
+        self.timings["answer_variants_s"] = time.perf_counter() - start
+        return out
 
     def answer(self, loaded: LoadedModel, prompt: str) -> list[str]:
         """Greedy answers to the test images (``--mllm-answer generate``)."""
@@ -412,8 +455,48 @@ class ModelRun:
             )
             if out.controls is not None:
                 loci[name].control = control(y_test, loci[name], out.controls, k)
+        lens_note, lens_head = self.lens(features, y_test, chance, folds, loci, sets)
+        self.answers = {**(self.answers or {}), "lens": {
+            "note": lens_note, "layers": sum(1 for n in loci if n.startswith("lens.")),
+            "head": lens_head, "cost": "no forward: read from the last-token rows the extraction keeps",
+        }}
+        invariance = scoring.invariance_groups(y_test, features.answer_scores[test], {
+            n: v[test] for n, v in features.variant_scores.items()}, self.variants(),
+            (self.dataset.prompt or DEFAULT_QUESTION, list(self.spoken)))
+        if invariance:
+            self.answers["invariance"] = {**invariance, "cost_s": self.timings.get("answer_variants_s")}
         self.intervals(loci, sets, y_test)
         return loci
+
+    def lens(self, features: Features, y_test: np.ndarray, chance: dict[str, float], folds: list[np.ndarray],
+             loci: dict[str, LocusResult], sets: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        """The logit lens loci ``lens.<i>`` (added to ``loci`` and ``sets``), scored like the probes
+        on the test images: ``(None, what the lens read through)``, or ``(why there is none, None)``."""
+        from . import scoring
+        from .lens import PREFIX, READOUT, logits, verify
+        from .models.load import pick_dtype
+
+        last = [f"llm.{i}.last" for i in range(len(self.stage_map.llm_layers))]
+        if features.lens is None or features.first_logits is None or not all(n in features.loci for n in last):
+            return features.lens_note or "the features hold no last-token rows or no final norm and LM head", None
+        dtype = str(pick_dtype(self.settings.dtype, pick_device(self.settings.device))).replace("torch.", "")
+        head, note = verify(features.lens, features.loci[last[-1]], features.first_logits, dtype)
+        if head is None:
+            return note, None
+        test = self.plan.test
+        k = len(self.dataset.class_names)
+        for i, name in enumerate(last):
+            z = logits(head, features.loci[name][test])
+            ok = np.isfinite(z).all(axis=1)
+            said = np.where(ok, np.nan_to_num(z).argmax(axis=1), -1)
+            proba = np.where(ok[:, None], scoring.softmax_rows(np.nan_to_num(z)), 0.0)
+            lens_score = scoring.score(y_test, proba, said)
+            locus = scoring.locus_result(f"{PREFIX}{i}", k, lens_score, chance, finite=bool(ok.all()),
+                                         fold_accuracy=scoring.fold_accuracies(lens_score.correct, folds))
+            locus.stage, locus.readout = "llm", READOUT  # drawn at its decoder layer; no test of its own
+            loci[locus.name] = locus
+            sets[locus.name] = lens_score
+        return None, head.meta()
 
     def intervals(self, loci: dict[str, LocusResult], sets: dict[str, Any], y_test: np.ndarray) -> None:
         """95% bootstrap intervals of every locus metric, stage score and transition ratio
@@ -439,8 +522,13 @@ class ModelRun:
         fed = fed_locus(loci, stage_map.consumed_vision_layers, metric)
 
         def derived(per_set: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-            return stage_figures(lambda n: per_set[n][metric], per_set, stage_map.consumed_vision_layers,
-                                 stage_map.llm_entry, fed)
+            figures = stage_figures(lambda n: per_set[n][metric], per_set, stage_map.consumed_vision_layers,
+                                    stage_map.llm_entry, fed)
+            lens_last, last = f"lens.{len(stage_map.llm_layers) - 1}", f"llm.{len(stage_map.llm_layers) - 1}.last"
+            if lens_last in per_set:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    figures["lens/llm"] = per_set[lens_last][metric] / per_set[last][metric]
+            return figures
 
         found = bootstrap_intervals(
             y_test, {n: ScoreSet(v.probabilities, v.predicted) for n, v in sets.items()},
@@ -463,7 +551,7 @@ class ModelRun:
         stage_values = stage_scores(loci, stage_map.consumed_vision_layers, thresholds.metric, stage_map.llm_entry)
         intervals = self.stage_intervals
         verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, thresholds, stage_map.llm_entry,
-                         intervals)
+                         intervals, invariance=(self.answers or {}).get("invariance"))
         return ModelResult(
             label=self.model_plan.spec.label, source=self.model_plan.spec.source, stage_map=stage_map.to_dict(),
             class_names=tuple(self.dataset.class_names), metric=thresholds.metric,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 from .answer import scores_by_continuation, scores_from_last_logits, single_token
 from .errors import ConfigError
 from .inputs import first_tensor, last_prompt_index, no_cache
+from .lens import LensHead
 from .models.adapter import ModelAdapter
 from .models.families import Segments
 from .models.stages import StageMap
@@ -36,6 +37,15 @@ class Features:
     answer_scores: np.ndarray
     #: the batch size the extraction finished with (smaller than asked after out-of-memory)
     batch_size: int | None = None
+    #: ``[N, K]`` the model's own logits of each class name's first token at the last prompt
+    #: position: what the logit lens must reproduce at the last layer (:func:`.lens.verify`)
+    first_logits: np.ndarray | None = None
+    #: the final norm and class-name head rows the lens reads through, or why there is none
+    lens: LensHead | None = None
+    lens_note: str | None = None
+    #: ``[N, K]`` answer scores under other option orders and prompt wordings
+    #: (``order.<r>``, ``prompt.<j>``; ``--mllm-answer-orders``, the dataset's ``prompts``)
+    variant_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
@@ -298,12 +308,13 @@ def extract(
     adapter = adapter if adapter is not None else ModelAdapter()
     n = len(prompts)
     scores: list[Any] = []
+    firsts: list[Any] = []
     with PoolingHooks(model, stage_map) as hooks, torch.inference_mode():
         start = 0
         while start < n:
             index = list(range(start, min(start + batch_size, n)))
             try:
-                batch_scores = _one_batch(
+                batch_scores, batch_firsts = _one_batch(
                     model, processor, stage_map, hooks, adapter, images(index), [prompts[i] for i in index],
                     continuations, device, dtype, padding_side, slice(index[0], index[-1] + 1), n,
                 )
@@ -319,10 +330,12 @@ def extract(
                     on_oom(batch_size)
                 continue  # the same images again, in smaller batches
             scores.append(batch_scores)
+            firsts.append(batch_firsts)
             start = index[-1] + 1
             if progress is not None:
                 progress(start, n)
-    return Features(loci=hooks.outputs, answer_scores=torch.cat(scores).numpy(), batch_size=batch_size)
+    return Features(loci=hooks.outputs, answer_scores=torch.cat(scores).numpy(), batch_size=batch_size,
+                    first_logits=torch.cat(firsts).numpy())
 
 
 def _one_batch(
@@ -330,7 +343,8 @@ def _one_batch(
     prompts: list[str], continuations: list[list[int]], device: Any, dtype: Any, padding_side: str,
     rows: slice, n: int,
 ) -> Any:
-    """One forward with the hooks on (they write rows ``rows`` of their outputs); the answer scores."""
+    """One forward with the hooks on (they write rows ``rows`` of their outputs); the answer scores
+    and the class names' first-token logits (for the lens check)."""
     import torch
 
     inputs = adapter.encode(processor, images, prompts, device, dtype, padding_side, family_name=stage_map.family)
@@ -354,6 +368,8 @@ def _one_batch(
         rows = torch.arange(mask.shape[0], device=out.logits.device)
         last_logits = out.logits[rows, last_index.to(out.logits.device)]
     del out
+    first_ids = torch.tensor([c[0] for c in continuations], device=last_logits.device)
+    first_logits = last_logits.index_select(-1, first_ids).float().cpu()
     if single_token(continuations):
         batch_scores = scores_from_last_logits(last_logits, continuations)
     elif not left_padded:
@@ -361,7 +377,7 @@ def _one_batch(
     else:
         with hooks.paused():
             batch_scores = scores_by_continuation(model, inputs, continuations, extra)
-    return batch_scores.float().cpu()
+    return batch_scores.float().cpu(), first_logits
 
 
 def free_accelerator_memory() -> None:

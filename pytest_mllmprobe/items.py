@@ -201,7 +201,45 @@ def answer_figures(result: Any, verdict: Any) -> dict[str, Any]:
     if "generate" in answers:
         figures["p_final_generate"] = _round(answers["generate"][result.metric])
         figures["parse_failure_rate"] = _round(answers["generate"]["parse_failure_rate"])
+    if verdict.test == "stage.answer":  # the lens loci have no test of their own: their figures ride here
+        for name, locus in result.loci.items():
+            if name.startswith("lens."):
+                figures[name] = _round(locus.metric(result.metric))
+        for group, found in (answers.get("invariance") or {}).items():
+            if isinstance(found, dict):
+                figures[f"consistency_{group}"] = _round(found["consistency"])
+                figures[f"circular_accuracy_{group}"] = _round(found["circular_accuracy"])
     return figures
+
+
+def lens_line(result: Any) -> str | None:
+    """``logit lens (llm.0 -> llm.3): 0.65 0.97 0.97 0.97 (P_final 0.97)``, or why there is none."""
+    lens = (result.answers or {}).get("lens") or {}
+    values = [locus.metric(result.metric) for name, locus in result.loci.items() if name.startswith("lens.")]
+    if not values:
+        return f"logit lens: none ({lens['note']})" if lens.get("note") else None
+    return (f"logit lens, {result.metric} of the model's own words at each decoder layer (llm.0 -> llm.{len(values) - 1}): "
+            f"{' '.join(_cell(v) for v in values)} (P_final {_cell(result.scores.get('P_final', math.nan))})")
+
+
+def invariance_line(result: Any) -> str | None:
+    """The answer under other option orders and wordings: per-prompt accuracy, consistency,
+    CircularEval accuracy, and the extra forwards it cost."""
+    found = (result.answers or {}).get("invariance") or {}
+    said = []
+    for group, what in (("orders", "option orders"), ("prompts", "wordings")):
+        info = found.get(group)
+        if info:
+            said.append(
+                f"{info['n_prompts']} {what}: accuracy {'/'.join(_cell(a) for a in info['accuracy'])}, "
+                f"consistency {_cell(info['consistency'])}, CircularEval accuracy {_cell(info['circular_accuracy'])}"
+            )
+    if not said:
+        return None
+    extra = sum(found[g]["n_prompts"] - 1 for g in ("orders", "prompts") if found.get(g))
+    cost = found.get("cost_s")
+    how = f"{cost:.1f} s" if cost is not None else "from the cache"
+    return f"answer invariance: {'; '.join(said)} [cost: {extra} more forward(s) per image, {how}]"
 
 
 def comparison_figures(verdict: Any) -> dict[str, Any]:
@@ -236,6 +274,8 @@ def model_summary(result: Any) -> dict[str, Any]:
         "uncertainty": uncertainty_line(result),
         "power": power_line(result),
         "random_init": random_init_line(result),
+        "lens": lens_line(result),
+        "invariance": invariance_line(result),
         **changes_lines(result),
     }
 

@@ -167,6 +167,7 @@ def settings_from_config(config: pytest.Config, require_model: bool = True) -> A
         folds=values["mllm_folds"],
         bootstrap=values["mllm_bootstrap"],
         permutations=values["mllm_permutations"],
+        answer_orders=values["mllm_answer_orders"],
         controls=tuple(values["mllm_controls"]),
         answer=values["mllm_answer"],
         skip_bad_images=bool(values["mllm_skip_bad_images"]),
@@ -660,6 +661,9 @@ class ProbeReporter:
                 tr.write_line(f"  {summary['power']}", yellow=True)
             if summary.get("answers"):
                 tr.write_line(f"  {summary['answers']}")
+            for key in ("lens", "invariance"):
+                if summary.get(key):
+                    tr.write_line(f"  {summary[key]}")
             if summary.get("memory"):
                 tr.write_line(f"  {summary['memory']}", yellow=True)
             healthy = summary["first_failing_stage"] is None

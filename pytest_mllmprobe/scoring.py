@@ -199,3 +199,51 @@ def answer_score(y_test: np.ndarray, answer_scores: np.ndarray, mode: str, *,
             ],
         }
     return AnswerScore(chosen, bool(ok.all()), answers)
+
+
+def invariance(y_test: np.ndarray, score_sets: Sequence[np.ndarray]) -> dict[str, Any]:
+    """How the answer holds up when the prompt changes: ``score_sets`` are ``[n_test, K]`` answer
+    scores (columns in class order) under R prompts, the first the run's own.
+
+    * ``accuracy``: per prompt;
+    * ``consistency``: per image, the share of the R answers that agree with its most common
+      answer, averaged (1: the same answer every time; 1/R when every prompt gets another answer,
+      as a model that always says the first listed option does under R rotations);
+    * ``all_same``: the fraction of images answered the same under every prompt;
+    * ``circular_accuracy``: the fraction answered right under every prompt (VLMEvalKit's CircularEval).
+    """
+    said = []
+    for scores in score_sets:
+        ok = np.isfinite(scores).all(axis=1)
+        said.append(np.where(ok, np.nan_to_num(scores).argmax(axis=1), -1))
+    answers = np.stack(said, axis=1)  # [n_test, R]
+    y = np.asarray(y_test)[:, None]
+    agree = np.array([np.unique(row, return_counts=True)[1].max() for row in answers]) / answers.shape[1]
+    return {
+        "n_prompts": int(answers.shape[1]),
+        "accuracy": [accuracy(y_test, answers[:, r]) for r in range(answers.shape[1])],
+        "consistency": float(agree.mean()) if len(agree) else float("nan"),
+        "all_same": float(np.mean((answers == answers[:, :1]).all(axis=1))) if len(agree) else float("nan"),
+        "circular_accuracy": float(np.mean((answers == y).all(axis=1))) if len(agree) else float("nan"),
+    }
+
+
+def invariance_groups(y_test: np.ndarray, own: np.ndarray, variants: dict[str, np.ndarray],
+                      described: Sequence[tuple[str, str, list[str]]],
+                      own_prompt: tuple[str, list[str]] = ("", [])) -> dict[str, Any]:
+    """:func:`invariance` over the option orders (``order.<r>``) and over the wordings
+    (``prompt.<j>``), each beside the run's own prompt; ``described`` is ``(name, template,
+    option order)`` of each variant, ``own_prompt`` the run's own ``(template, option order)``.
+    Empty when the run scored no variant."""
+    out: dict[str, Any] = {}
+    for group, prefix in (("orders", "order."), ("prompts", "prompt.")):
+        names = [name for name, _, _ in described if name.startswith(prefix) and name in variants]
+        if not names:
+            continue
+        out[group] = {
+            **invariance(y_test, [own, *(variants[n] for n in names)]),
+            "variants": ["own", *names],
+            "what": [own_prompt[1] if group == "orders" else own_prompt[0], *(order if group == "orders" else template
+                             for name, template, order in described if name in names)],
+        }
+    return out

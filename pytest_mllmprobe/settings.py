@@ -61,6 +61,8 @@ class Settings:
     #: probe, none for the MLP (each permutation is one more MLP training per fold)
     permutations: int | None = None
     controls: tuple[str, ...] = ()
+    #: cyclic rotations of the option order the answer is also scored under (1: the prompt's own only)
+    answer_orders: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -88,6 +90,11 @@ class Settings:
             raise ConfigError(f"--mllm-bootstrap {self.bootstrap} must be 0 (no intervals) or a number of resamples, e.g. 1000")
         if self.permutations is not None and self.permutations < 0:
             raise ConfigError(f"--mllm-permutations {self.permutations} must be 0 (no control task) or a number, e.g. 19")
+        if self.answer_orders < 1:
+            raise ConfigError(
+                f"--mllm-answer-orders {self.answer_orders} must be at least 1 (1: the prompt's own option "
+                "order only; K: K cyclic rotations of it, one more forward per rotation)"
+            )
         unknown = sorted(set(self.controls) - set(CONTROLS))
         if unknown:
             raise ConfigError(f"--mllm-controls {','.join(unknown)!r} is not one of {', '.join(CONTROLS)}")

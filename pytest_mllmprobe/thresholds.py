@@ -46,7 +46,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "vision": ("min_fhs", "min_end_above_chance", "min_dip_ratio", "min_selectivity"),
     "connector": ("min_keep", "min_selectivity"),
     "llm": ("min_keep", "min_fhs_ratio", "min_dip_ratio", "min_selectivity"),
-    "answer": ("min_keep",),
+    "answer": ("min_keep", "min_lens_keep", "min_consistency"),
 }
 #: Keys whose value is a score (FHS can exceed 1): any finite number >= 0.
 UNBOUNDED_KEYS = ("min_fhs",)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .lens import PREFIX as LENS_PREFIX
 from .results import Check, LocusResult, Verdict, stage_of
 
 
@@ -130,17 +131,25 @@ def judge(
     thresholds: Any,
     llm_entry: int = 0,
     intervals: dict[str, tuple[float, float]] | None = None,
+    invariance: dict[str, Any] | None = None,
 ) -> dict[str, Verdict]:
     """One verdict per locus test and per stage rule, in pipeline order.
 
     ``intervals`` holds the bootstrap intervals of the stage figures (:func:`stage_figures`'
-    keys); each check carries the interval of its figure where there is one.
+    keys); each check carries the interval of its figure where there is one. The logit lens
+    loci (``lens.<i>``) get no test of their own: they are figures, judged only by the answer
+    stage's ``min_lens_keep`` rule; ``invariance`` (the answer under other option orders and
+    wordings) is judged by its ``min_consistency``.
     """
     metric = thresholds.metric
     verdicts: dict[str, Verdict] = {}
     for name, locus in loci.items():
+        if name.startswith(LENS_PREFIX):
+            continue
         verdicts[name] = Verdict(name, locus.stage, name, tuple(_locus_checks(locus, thresholds)))
     stage_checks = _stage_checks(loci, scores, consumed, thresholds, metric, llm_entry, intervals or {})
+    stage_checks["answer"] += lens_check(loci, metric, thresholds, intervals or {})
+    stage_checks["answer"] += consistency_checks(invariance or {}, thresholds)
     for stage, checks in stage_checks.items():
         test = f"stage.{stage}"
         verdicts[test] = Verdict(test, stage, _stage_locus(stage, loci, consumed), tuple(checks))
@@ -326,6 +335,82 @@ def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consum
         "P_final", f"P(llm.{n_llm - 1}.last)", src("answer", "min_keep"), "answer",
         intervals.get("answer/llm"), intervals.get("P_final"),
     )
+    return checks
+
+
+def lens_check(loci: dict[str, LocusResult], metric: str, thresholds: Any,
+               intervals: dict[str, tuple[float, float]]) -> list[Check]:
+    """``P(lens.<last>) >= min_lens_keep x P(llm.<last>.last)``: the model's own words at its last
+    layer keep what its probe reads there. The explanation names where probe and lens part."""
+    ratio = thresholds.stage("answer", "min_lens_keep")
+    n = llm_layers(loci)
+    lens_last, probe_last = f"{LENS_PREFIX}{n - 1}", f"llm.{n - 1}.last"
+    if ratio is None or lens_last not in loci:
+        return []
+    checks = _ratio_check(
+        "min_lens_keep", metric, loci[lens_last].metric(metric), ratio, loci[probe_last].metric(metric),
+        f"P({lens_last}, the logit lens)", f"P({probe_last})", thresholds.stage_source("answer", "min_lens_keep"),
+        lens_last, intervals.get("lens/llm"), loci[lens_last].interval(metric),
+    )
+    check = checks[0]
+    return [Check(**{**check.__dict__, "explanation": f"{check.explanation}; {lens_story(loci, metric, ratio, thresholds)}"})]
+
+
+def lens_story(loci: dict[str, LocusResult], metric: str, ratio: float, thresholds: Any) -> str:
+    """Where the class becomes readable (the last-token probe stays above its pass line from that
+    layer on) and where the model's own words say it (the lens keeps ``ratio`` of the probe)."""
+    n = llm_layers(loci)
+
+    def readable(i: int) -> bool:
+        locus = loci[f"llm.{i}.last"]
+        chance = locus.chance[metric]
+        floor = thresholds.for_locus(locus.name).min_above_chance or 0.0
+        return locus.metric(metric) >= chance + floor * (1 - chance) and locus.metric(metric) > chance
+
+    def said(i: int) -> bool:
+        return readable(i) and loci[f"{LENS_PREFIX}{i}"].metric(metric) >= ratio * loci[f"llm.{i}.last"].metric(metric)
+
+    probe_on = [i for i in range(n) if all(readable(j) for j in range(i, n))]
+    if not probe_on:
+        return "the class is not readable at the last layer's last token"
+    text = f"the class is readable from llm.{probe_on[0]} on"
+    good = [i for i in range(n) if said(i)]
+    if not good:
+        best = max(range(n), key=lambda i: loci[f"{LENS_PREFIX}{i}"].metric(metric))
+        return (f"{text}, but the model's own words never say it (the lens reaches at most "
+                f"{loci[f'{LENS_PREFIX}{best}'].metric(metric):.3f}, at llm.{best})")
+    text += f", and in the model's own words from llm.{good[0]}" if good[0] == probe_on[0] else \
+        f", but in the model's own words only from llm.{good[0]}"
+    if not said(n - 1):
+        text += f" and wrongly after llm.{good[-1]}"
+    return text
+
+
+def consistency_checks(invariance: dict[str, Any], thresholds: Any) -> list[Check]:
+    """``consistency >= min_consistency`` for the option orders and for the wordings scored."""
+    minimum = thresholds.stage("answer", "min_consistency")
+    if minimum is None:
+        return []
+    checks = []
+    for group, what in (("orders", "cyclic rotations of the option order"), ("prompts", "wordings of the question")):
+        found = invariance.get(group)
+        if not found:
+            continue
+        value, r = found["consistency"], found["n_prompts"]
+        passed = bool(np.isfinite(value) and value >= minimum)
+        checks.append(Check(
+            rule="min_consistency", metric=f"consistency ({group})", value=value, threshold=minimum, passed=passed,
+            explanation=(
+                f"consistency >= {minimum:g}: per image, the share of its answers under {r} {what} that agree "
+                f"with its most common answer (1: always the same; {1 / r:.3f} = 1/{r}: a new answer each time); "
+                f"answered the same every time: {found['all_same']:.3f}, right every time (CircularEval): "
+                f"{found['circular_accuracy']:.3f}"
+                + ("" if passed else (
+                    ": the answer follows the position of the options, not the image" if group == "orders"
+                    and value <= 1 / r + 0.1 else f": the answer depends on the {group[:-1]}, not only on the image"))
+            ),
+            source=thresholds.stage_source("answer", "min_consistency"), locus="answer",
+        ))
     return checks
 
 

@@ -209,7 +209,11 @@ def test_curve_marks_what_the_plot_needs(demo: dict, fault: dict) -> None:
     assert healthy.consumed_x == (2,)
     assert healthy.first_failing_stage is None and not healthy.failing_stage_rules
     assert [p.locus for p in healthy.series("last")] == [f"llm.{i}.last" for i in range(4)]
-    assert all(p.threshold == pytest.approx(0.4) for p in healthy.points)
+    assert all(p.threshold == pytest.approx(0.4) for p in healthy.points if p.readout != "lens")
+    # the logit lens shares the x of its decoder layer and has no pass line: it is not a test
+    lens = healthy.series("lens")
+    assert [p.x for p in lens] == [p.x for p in healthy.series("last")]
+    assert all(p.threshold is None and p.passed is None for p in lens)
 
     broken = curve_of(fault["models"][FAULT])
     assert broken.first_failing_stage == "llm"

@@ -35,7 +35,7 @@ def test_default_loads_with_documented_values():
         "vision": {"min_fhs": None, "min_end_above_chance": 0.20, "min_dip_ratio": 0.75, "min_selectivity": None},
         "connector": {"min_keep": 0.90, "min_selectivity": None},
         "llm": {"min_keep": 0.90, "min_fhs_ratio": 0.80, "min_dip_ratio": 0.80, "min_selectivity": None},
-        "answer": {"min_keep": 0.80},
+        "answer": {"min_keep": 0.80, "min_lens_keep": 0.80, "min_consistency": 0.80},
     }
     assert t.stage_source("llm", "min_fhs_ratio") == f"{DEFAULT}: stages.llm.min_fhs_ratio"
     assert t.metric_source == f"{DEFAULT}: metric"

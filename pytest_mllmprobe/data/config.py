@@ -6,6 +6,7 @@
     class_names: [normal, benign, malignant]   # order and subset (a mapping also renames)
     display_names: {normal: "no lesion"}       # the names the prompt lists
     prompt: "Which finding is shown? Options: {options}."
+    prompts: ["What does the scan show? Options: {options}."]   # other wordings the answer is scored under
     group_column: patient_id         # manifest columns (defaults: path, label, group, split)
     split_column: fold
     image_column: img                # parquet/arrow/save_to_disk tables (default: image)
@@ -21,7 +22,7 @@ from typing import Any
 from ..errors import ConfigError, close_matches
 
 KEYS = (
-    "source", "class_names", "display_names", "prompt",
+    "source", "class_names", "display_names", "prompt", "prompts",
     "path_column", "image_column", "label_column", "group_column", "split_column", "ignore_columns",
 )
 COLUMN_KEYS = ("path_column", "image_column", "label_column", "group_column", "split_column", "ignore_columns")
@@ -51,6 +52,8 @@ class DatasetConfig:
     display_names: dict[str, str] | None = None
     prompt: str | None = None
     columns: Columns = field(default_factory=Columns)
+    #: other wordings of the question, each with ``{options}``: the answer is also scored under them
+    prompts: tuple[str, ...] = ()
 
 
 def is_entry(spec: str) -> bool:
@@ -123,7 +126,22 @@ def read_config(path: str | Path) -> DatasetConfig:
                 f"{where}: prompt {prompt!r} has no '{{options}}' placeholder; add it where the "
                 "class names should be listed"
             )
-    return DatasetConfig(str(path), source, class_names, display, prompt, _columns(raw, where))
+    prompts = raw.get("prompts")
+    if prompts is not None:
+        if not isinstance(prompts, list) or not prompts:
+            raise ConfigError(
+                f"{where}: prompts must be a list of question wordings, each with '{{options}}', e.g. "
+                "[\"What does the scan show? Options: {options}.\"]"
+            )
+        prompts = [_text(p, f"{where}: prompts[{i}]") for i, p in enumerate(prompts)]
+        for i, text in enumerate(prompts):
+            if "{options}" not in text:
+                raise ConfigError(
+                    f"{where}: prompts[{i}] {text!r} has no '{{options}}' placeholder; add it where the "
+                    "class names should be listed"
+                )
+    return DatasetConfig(str(path), source, class_names, display, prompt, _columns(raw, where),
+                         tuple(prompts or ()))
 
 
 def _text(value: Any, what: str) -> str:

@@ -44,6 +44,8 @@ class Dataset:
     display_names: tuple[str, ...] = ()
     prompt: str | None = None
     skipped: tuple[tuple[str, str], ...] = ()
+    #: other wordings of the question (the dataset YAML's ``prompts``), for the answer's invariance
+    prompts: tuple[str, ...] = ()
     in_memory: tuple[Any, ...] | None = None
     sample_ids: tuple[str, ...] = ()
     source: str = "folder"
@@ -110,6 +112,7 @@ class Dataset:
             predefined_split=None if self.predefined_split is None else self.predefined_split[keep],
             display_names=self.display_names,
             prompt=self.prompt,
+            prompts=self.prompts,
             skipped=self.skipped,
             in_memory=None if self.in_memory is None else tuple(self.in_memory[i] for i in keep),
             sample_ids=tuple(self.ids[i] for i in keep),
@@ -191,6 +194,7 @@ def build_dataset(
     display_names: dict[str, str] | None = None,
     prompt: str | None = None,
     origin: str = "",
+    prompts: Sequence[str] = (),
 ) -> Dataset:
     """Fix the classes (``class_names`` selects and orders; a dict also renames), then check.
 
@@ -243,6 +247,7 @@ def build_dataset(
         predefined_split=_pick(samples.is_test, keep, bool),
         display_names=display,
         prompt=prompt,
+        prompts=tuple(prompts),
         skipped=tuple(samples.skipped),
         in_memory=None if samples.in_memory is None else tuple(samples.in_memory[i] for i in keep),
         sample_ids=tuple(samples.ids[i] for i in keep),

@@ -50,6 +50,7 @@ def load_dataset(
         class_names=config.class_names if config else None,
         display_names=config.display_names if config else None,
         prompt=config.prompt if config else None,
+        prompts=config.prompts if config else (),
         origin=f"dataset file {config.file!r}" if config else "",
     )
     if max_samples is not None and max_samples < len(dataset):

@@ -25,6 +25,8 @@ STAGE_TITLES = {
 # Readouts drawn as the main line (vision -> connector -> LLM image-token mean) and as the second one.
 MAIN_READOUT = "image"
 LAST_READOUT = "last"
+# The logit lens (``lens.<i>``): the model's own words at each decoder layer, drawn beside the last-token probe.
+LENS_READOUT = "lens"
 
 # Rules whose threshold is an absolute per-locus pass line (see verdicts.py).
 FLOOR_RULES = ("min_above_chance", "floor")
@@ -81,7 +83,7 @@ class Curve:
         """LLM readouts other than ``image`` and ``last`` (drawn as extra lines if present)."""
         seen: list[str] = []
         for p in self.points:
-            if p.stage == "llm" and p.readout not in (MAIN_READOUT, LAST_READOUT, None) \
+            if p.stage == "llm" and p.readout not in (MAIN_READOUT, LAST_READOUT, LENS_READOUT, None) \
                     and p.readout not in seen:
                 seen.append(p.readout)
         return seen

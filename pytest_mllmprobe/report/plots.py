@@ -23,6 +23,7 @@ TICK_FONTSIZE = 8
 COLORS = {
     "image": "#1f5fa8",       # vision -> connector -> LLM image-token mean
     "last": "#e07b00",        # LLM last token
+    "lens": "#2a9d8f",        # the logit lens: the model's own words at each decoder layer
     "answer": "#111111",
     "chance": "#7f7f7f",
     "floor": "#c0392b",
@@ -203,6 +204,11 @@ def _probe_lines(ax: Any, curve: Curve) -> list[Any]:
     if last:
         (line,) = ax.plot(*_xy(last), color=COLORS["last"], marker="s", markersize=3.5, linewidth=2,
                           zorder=4, label="probe: LLM last token")
+        handles.append(line)
+    lens = curve.series("lens")
+    if lens:
+        (line,) = ax.plot(*_xy(lens), color=COLORS["lens"], marker="^", markersize=4, linewidth=1.6,
+                          linestyle=(0, (4, 1.5)), zorder=4.2, label="logit lens: the model's own words at the layer")
         handles.append(line)
     for i, readout in enumerate(curve.extra_readouts):
         (line,) = ax.plot(*_xy(curve.series(readout)), color=f"C{i + 2}", marker=".", linewidth=1.2,
