@@ -96,20 +96,35 @@ def model_figure(model: dict[str, Any], reference: dict[str, Any] | None = None)
     handles = _probe_lines(ax, curve) + controls + levels + consumed + _failures(ax, curve) + references
     _ticks(fig, ax, curve)
     _titles(fig, model, curve)
-    _legend(fig, handles)
+    _legend(fig, handles, ax)
     _stage_labels(fig, ax, curve)
     return fig
 
 
-def _legend(fig: Any, handles: list[Any]) -> None:
-    """Below the axes, in as many columns as fit the figure's width."""
+def _legend(fig: Any, handles: list[Any], ax: Any = None) -> None:
+    """Below the axes, in as many columns as fit the figure's width; a legend taller than the room
+    under the axis labels makes the figure taller (the axes keep their size)."""
     renderer = fig.canvas.get_renderer()
     for ncol in (4, 3, 2, 1):
         legend = fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
                             fontsize=8.5, frameon=False, handlelength=2.6, columnspacing=1.4)
         if legend.get_window_extent(renderer).width <= fig.bbox.width - 10 or ncol == 1:
-            return
+            break
         legend.remove()
+    if ax is None:
+        return
+    room = ax.get_tightbbox(renderer).y0 - 6  # pixels between the figure's bottom and the x label
+    extra = legend.get_window_extent(renderer).height - room
+    if extra <= 0:
+        return
+    old = fig.get_figheight() * fig.dpi
+    new = old + extra
+    fig.set_figheight(new / fig.dpi)
+    left, bottom, width, height = ax.get_position().bounds
+    ax.set_position([left, (bottom * old + extra) / new, width, height * old / new])
+    for text in fig.texts:  # titles and stage names keep their distance from the top
+        x, y = text.get_position()
+        text.set_position((x, 1 - (1 - y) * old / new))
 
 
 def _xy(points: list[Point]) -> tuple[list[int], list[float]]:
