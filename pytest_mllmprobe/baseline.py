@@ -279,35 +279,43 @@ def compare(result: ModelResult, reference: dict[str, Any], thresholds: Any, wha
 
 def power(result: ModelResult, reference: dict[str, Any], thresholds: Any,
           groups: np.ndarray | None = None) -> dict[str, Any]:
-    """What the comparison can see: per test, the minimum detectable drop (one-sided, at
-    ``regression.alpha`` before the Holm correction, power 0.8; :func:`~pytest_mllmprobe.stats.
-    min_detectable_drop`) at the reference's accuracy on the test's locus, with patients as the
-    units when the data has them; and whether ``regression.max_drop`` lies below it."""
-    alpha = thresholds.regression.get("alpha") or 0.05
+    """What the comparison can see: per test, the minimum detectable drop (one-sided, power 0.8;
+    :func:`~pytest_mllmprobe.stats.min_detectable_drop`) at the reference's accuracy on the test's
+    locus, with patients as the units when the data has them. The alpha is ``regression.alpha /
+    m`` over the model's ``m`` tests: Holm's first, strictest step, which a single regression must
+    pass. ``blind`` lists the tests whose detectable drop exceeds ``regression.max_drop``; with no
+    significance test (``alpha: null``) there is nothing to power and ``blind`` is empty."""
+    alpha = thresholds.regression.get("alpha")
     max_drop = thresholds.regression.get("max_drop") or 0.0
     n_units = len(set(np.asarray(groups).tolist())) if groups is not None else result.n_test
+    m = max(len(result.verdicts), 1)
+    strict = (alpha if alpha is not None else 0.05) / m
     drops = {}
     for name, verdict in result.verdicts.items():
         theirs = np.asarray(reference["loci"][verdict.locus]["correct"], dtype=float)
-        drops[name] = min_detectable_drop(float(theirs.mean()) if len(theirs) else 0.5, n_units, alpha)
-    stage_drops = {k: v for k, v in drops.items() if k.startswith("stage.")}
-    smallest = min(stage_drops.values()) if stage_drops else min(drops.values(), default=float("inf"))
+        drops[name] = min_detectable_drop(float(theirs.mean()) if len(theirs) else 0.5, n_units, strict)
+    blind = sorted(k for k, v in drops.items() if v > max_drop) if alpha is not None else []
     return {
         "unit": "patient" if groups is not None else "image", "n_units": int(n_units), "alpha": alpha,
-        "power": POWER, "max_drop": max_drop, "min_detectable_drop": {k: round(v, 4) for k, v in drops.items()},
-        "smallest_detectable_drop": round(smallest, 4), "underpowered": bool(max_drop < smallest),
+        "tests": m, "alpha_per_test": strict, "power": POWER, "max_drop": max_drop,
+        "min_detectable_drop": {k: round(v, 4) for k, v in drops.items()},
+        "smallest_detectable_drop": round(min(drops.values(), default=float("inf")), 4),
+        "blind": blind, "underpowered": bool(blind),
     }
 
 
 def power_warning(label: str, info: dict[str, Any]) -> str | None:
-    """The summary line of an underpowered gate, or ``None``."""
+    """The summary line of a gate that cannot see its own ``max_drop``, or ``None``."""
     if not info.get("underpowered"):
         return None
     units = f"{info['n_units']} test {'patients' if info['unit'] == 'patient' else 'images'}"
+    blind, tests = len(info["blind"]), info["tests"]
+    which = "no test" if blind == tests else f"{tests - blind} of {tests} tests"
     return (
-        f"{label}: with {units} this gate can only detect drops >= {info['smallest_detectable_drop']:.2f} "
-        f"(alpha {info['alpha']:g}, power {info['power']:g}); regression.max_drop {info['max_drop']:g} is below "
-        "that, so a smaller drop passes unseen: add test images (--mllm-power DROP says how many)"
+        f"{label}: with {units} {which} can detect a drop of regression.max_drop {info['max_drop']:g} "
+        f"(the smallest detectable drop is {info['smallest_detectable_drop']:.2f} at alpha {info['alpha']:g} "
+        f"Holm-corrected over {tests} tests, power {info['power']:g}); a smaller drop passes unseen: add "
+        "test images or patients (--mllm-power DROP says how many)"
     )
 
 

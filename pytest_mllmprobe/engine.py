@@ -279,7 +279,13 @@ class ModelRun:
         from .cache import cached_features, extraction_key
         from .probes import cross_fit
 
+        if self.settings.device_map is not None:
+            raise ConfigError(
+                "--mllm-controls random-init builds the twin on one device and cannot follow "
+                f"--mllm-device-map {self.settings.device_map}: drop one of the two"
+            )
         start = time.perf_counter()
+        own = dict(self.timings)  # the twin's load and extraction must not overwrite the model's
         variant = f"random-init seed={self.settings.probe_seed}"
         compute = self.compute_random_init
         if self.settings.cache_dir is not None:
@@ -306,21 +312,24 @@ class ModelRun:
             "scores": {k: v for k, v in twin_scores.items() if k != "P_final"},
             "seed": self.settings.probe_seed, "cached": bool(hit), "cost_s": time.perf_counter() - start,
         }
-        self.timings["random_init_s"] = self.twin["cost_s"]
+        self.timings.clear()
+        self.timings.update(own, random_init_s=self.twin["cost_s"])
 
     def compute_random_init(self) -> Features:
         """Load the model, replace it by its class built from its config (fresh, seeded weights),
         and extract every locus."""
         import torch
 
-        loaded = self.load()
+        loaded = self.load()  # the processor, the placement and the class; the weights are dropped
+        kind, config = type(loaded.model), loaded.model.config
+        loaded = replace(loaded, model=None)
+        from .extract import free_accelerator_memory
+
+        free_accelerator_memory()
         torch.manual_seed(self.settings.probe_seed)
-        model = loaded.model
-        with quiet_transformers():
-            twin = type(model)(model.config)
-        twin = twin.to(device=loaded.device, dtype=loaded.dtype).eval()
-        loaded = replace(loaded, model=twin)
-        del model
+        with quiet_transformers(), torch.device(loaded.device):
+            twin = kind(config)
+        loaded = replace(loaded, model=twin.to(dtype=loaded.dtype).eval())
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
         return self.extract(loaded, prompt)
 
@@ -771,7 +780,8 @@ def power_report(settings: Settings, drop: float) -> list[str]:
     how = f"{len(folds)} folds" if len(folds) > 1 else "one split"
     lines = [
         f"mllmprobe power: {dataset.root}: {len(test)} test images, {n_units} independent test {unit} ({how}); "
-        f"one-sided alpha {alpha:g} (regression.alpha), power {POWER:g}",
+        f"one-sided alpha {alpha:g} (regression.alpha, before the Holm correction: a gate of m tests needs "
+        f"alpha / m for its first one), power {POWER:g}",
         "  formula: drop = (z(1-alpha) + z(power)) * sqrt(2 p (1 - p) / n); docs/method.md",
     ]
     for p in (0.95, 0.9, 0.8, 0.7, 0.5):

@@ -180,7 +180,8 @@ def figures(result: Any, verdict: Any) -> dict[str, Any]:
 
 def control_figures(result: Any, verdict: Any) -> dict[str, Any]:
     """The control task of a locus test: control metric, selectivity, permutation p-value."""
-    locus = result.loci.get(verdict.test)
+    name = next((c.locus for c in verdict.checks if c.rule == "min_selectivity"), verdict.test)
+    locus = result.loci.get(name)  # a stage test: the locus its selectivity rule read
     control = ((locus.control or {}).get(result.metric) if locus is not None else None)
     if not control:
         return {}
@@ -287,9 +288,11 @@ def uncertainty_line(result: Any) -> str | None:
     if info.get("bootstrap_resamples"):
         said.append(f"[95% intervals: bootstrap over {info['n_units']} test {info['unit']}s, "
                     f"{info['bootstrap_resamples']} resamples, {result.timings.get('bootstrap_s', 0.0):.2f} s]")
-    if info.get("permutations"):  # (none: --mllm-permutations 0, or the MLP probe's default)
+    if info.get("permutations"):
         said.append(f"[controls: {info['permutations']} permuted-label probes per locus, fitted with the probes "
                     f"({result.timings.get('probe_s', 0.0):.1f} s in all)]")
+    elif info:  # --mllm-permutations 0, or the MLP probe's default: say what is not checked
+        said.append("[controls: none fitted, so min_selectivity is not checked; --mllm-permutations N fits them]")
     return " ".join(said) or None
 
 

@@ -493,10 +493,20 @@ def fit_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: list[A
             for sets, (train, fold_test) in zip(label_sets, folds)]
 
 
+FOLD_BATCH_VALUES = 4_000_000
+"""Standardised feature values (over all folds, one width) below which the folds of a
+cross-validation are fitted in one L-BFGS batch: small problems are bound by L-BFGS's per-step
+overhead; larger ones go fold by fold, so that memory stays at one fold's copy."""
+
+
 def _linear_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: list[Any],
                   label_sets: list[np.ndarray], device: str) -> list[dict[str, np.ndarray]]:
-    """Linear probes of every fold at once (:func:`fit_linear_folds`): per fold, ``[S, n_test, K]``
-    per locus."""
+    """Linear probes of every fold (:func:`fit_linear_folds`): per fold, ``[S, n_test, K]`` per locus.
+
+    The real labels (set 0) and the permuted ones (the control task) are two separate fits, so
+    the real probe does not depend on how many permutations the run asked for. Small problems
+    batch every fold together; larger ones go one fold at a time (``FOLD_BATCH_VALUES``).
+    """
     k = int(labels.max()) + 1
     by_width: dict[int, list[str]] = {}
     for name, X in features.items():
@@ -504,19 +514,30 @@ def _linear_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: li
         by_width.setdefault(X.shape[1], []).append(name)
     out: list[dict[str, np.ndarray]] = [{} for _ in folds]
     classes = [np.unique(sets[0]) for sets in label_sets]
+    codes = [np.searchsorted(c, sets) for c, sets in zip(classes, label_sets)]
+    groups = [(0, 1)] + ([(1, len(label_sets[0]))] if len(label_sets[0]) > 1 else [])
     for names in by_width.values():
-        stacks = [_standardised_stack(features, names, train, test) for train, test in folds]
-        if len({len(c) for c in classes}) == 1:
-            fitted = fit_linear_folds([x for x, _ in stacks],
-                                      [np.searchsorted(c, sets) for c, sets in zip(classes, label_sets)],
-                                      len(classes[0]), device=device)
-        else:  # a fold lacks a class in training: its problem has another shape, fitted alone
-            fitted = [fit_linear_folds([x], [np.searchsorted(c, sets)], len(c), device=device)[0]
-                      for (x, _), c, sets in zip(stacks, classes, label_sets)]
-        for g, ((_, x_test), (coef, intercept)) in enumerate(zip(stacks, fitted)):
-            probabilities = np.stack([_linear_proba(coef[s], intercept[s], x_test) for s in range(len(coef))], axis=1)
-            for name, p in zip(names, probabilities):
-                out[g][name] = np.stack([_full_columns(q, classes[g], k) for q in p])
+        n_values = len(names) * sum(len(train) + len(test) for train, test in folds) * features[names[0]].shape[1]
+        same_classes = len({len(c) for c in classes}) == 1
+        batches = [list(range(len(folds)))] if n_values <= FOLD_BATCH_VALUES and same_classes else \
+            [[g] for g in range(len(folds))]
+        for batch in batches:
+            stacks = {g: _standardised_stack(features, names, *folds[g]) for g in batch}
+            parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {g: [] for g in batch}
+            for lo, hi in groups:
+                fitted = fit_linear_folds([stacks[g][0] for g in batch], [codes[g][lo:hi] for g in batch],
+                                          len(classes[batch[0]]), device=device)
+                for g, pair in zip(batch, fitted):
+                    parts[g].append(pair)
+            for g in batch:
+                coef = np.concatenate([c for c, _ in parts[g]])
+                intercept = np.concatenate([i for _, i in parts[g]])
+                x_test = stacks[g][1]
+                probabilities = np.stack([_linear_proba(coef[s], intercept[s], x_test) for s in range(len(coef))],
+                                         axis=1)
+                for name, p in zip(names, probabilities):
+                    out[g][name] = np.stack([_full_columns(q, classes[g], k) for q in p])
+            del stacks
     return out
 
 

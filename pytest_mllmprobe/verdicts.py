@@ -256,7 +256,7 @@ def _dip_check(stage: str, names: list[str], loci: dict[str, LocusResult], metri
     if not passed and low + 1 < len(values) and max(values[low + 1:]) >= needed:
         tail = (f": {names[low]} collapses and a later layer recovers "
                 f"({max(values[low + 1:]):.3f} at {names[low + 1 + int(np.argmax(values[low + 1:]))]}); "
-                "the FHS alone does not penalise such a dip")
+                "a dip that a later layer repairs raises the FHS instead of lowering it")
     span = ""
     if interval is not None and all(np.isfinite(interval)) and first > 0:
         span = f"; measured ratio {lowest / first:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
