@@ -22,23 +22,13 @@ from pytest_mllmprobe.data import DATASETS_EXTRA, Dataset, load_dataset, split_i
 from pytest_mllmprobe.errors import ConfigError
 
 from .conftest import subprocess_env
-from .test_data import NAMES, PER_CLASS, _patient, digits  # noqa: F401 - the same 36 digits as the folder tests
+from .test_data import NAMES, PER_CLASS, _patient, digits, folder  # noqa: F401 - the folder tests' 36 digits
 from .test_plugin_options import _usage_error
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("pyarrow")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def folder(digits, tmp_path_factory) -> Path:
-    images, labels = digits
-    root = tmp_path_factory.mktemp("hf") / "folder"
-    for i, (image, label) in enumerate(zip(images, labels)):
-        (root / NAMES[label]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(root / NAMES[label] / f"{i:03d}.png")
-    return root
 
 
 def _files(folder: Path, digits) -> list[Path]:

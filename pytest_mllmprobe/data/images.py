@@ -110,19 +110,9 @@ def to_rgb(image: Any):
 
 def load_image(path: str | Path):
     """Open an image file (any Pillow format, or DICOM) as RGB; :class:`ConfigError` if unreadable."""
-    from PIL import Image
-
     if is_dicom(path):
         return read_dicom(path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ConfigError(
-            f"cannot read image {str(path)!r}: {exc}; remove or replace the file, or skip "
-            f"unreadable images with {SKIP_HINT}"
-        ) from exc
+    return decoded(path, f"cannot read image {str(path)!r}", "remove or replace the file")
 
 
 def file_problem(path: str | Path, *, decode: bool = False) -> str | None:
@@ -172,17 +162,7 @@ class StoredImage:
 
     def load(self, where: str):
         """The image as RGB; :class:`ConfigError` naming ``where`` when it cannot be decoded."""
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(self.read(self.row))) as image:
-                image.load()
-                return to_rgb(image)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ConfigError(
-                f"{where}: cannot decode image: {exc}; remove or replace it, or skip unreadable "
-                f"images with {SKIP_HINT}"
-            ) from exc
+        return decoded(io.BytesIO(self.read(self.row)), f"{where}: cannot decode image", "remove or replace it")
 
 
 def bytes_problem(data: bytes, *, decode: bool = False) -> str | None:
@@ -243,3 +223,16 @@ def memory_hash(image: Any) -> str:
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def decoded(source: Any, what: str, fix: str) -> np.ndarray:
+    """The image at ``source`` (a path or a file object) as 8-bit RGB; an unreadable one is a
+    :class:`ConfigError` saying ``what``, the reader's reason, ``fix`` and how to skip it."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConfigError(f"{what}: {exc}; {fix}, or skip unreadable images with {SKIP_HINT}") from exc
