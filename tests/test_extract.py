@@ -96,22 +96,27 @@ def test_multi_token_names_are_scored_as_whole_sequences(family_model, seven_ima
     assert not np.allclose(scores[:, 1], single[:, 1])
 
 
-def test_no_forward_builds_a_kv_cache(family_model, seven_images) -> None:
-    # nothing reads the cache; building one per forward costs every layer's keys and values
+def test_only_multi_token_names_build_a_kv_cache_and_continue_it(family_model, seven_images) -> None:
+    # single-token names: nothing reads the cache, and building one costs every layer's keys and
+    # values; multi-token names: the extraction forward's cache is continued once for all classes
+    from pytest_mllmprobe.answer import cache_of
+
     loaded, stage_map = family_model
     seen: list[object] = []
 
     def spy(module, args, kwargs, output):
-        seen.append((kwargs.get("use_cache", "absent"), getattr(output, "past_key_values", None)))
+        seen.append((kwargs.get("use_cache", "absent"), cache_of(output) is not None, "pixel_values" in kwargs))
 
     handle = loaded.model.register_forward_hook(spy, with_kwargs=True)
     try:
-        prompt = build_prompt(loaded.processor, ["benign", "malignant mass"])
-        _run(loaded, stage_map, seven_images[:2], [prompt] * 2, batch_size=2, names=["benign", "malignant mass"])
+        for names in (["benign", "malignant"], ["benign", "malignant mass", "benign cyst"]):
+            prompt = build_prompt(loaded.processor, names)
+            _run(loaded, stage_map, seven_images[:2], [prompt] * 2, batch_size=2, names=names)
     finally:
         handle.remove()
-    assert len(seen) == 3  # the extraction forward and one per multi-token class
-    assert seen == [(False, None)] * 3
+    # one forward for single-token names; for multi-token ones the extraction forward (building
+    # the cache) and ONE continuation of it for both multi-token classes, without the image
+    assert seen == [(False, False, True), (True, True, True), ("absent", True, False)]
 
 
 def test_no_cache_is_only_passed_to_a_forward_that_takes_it() -> None:
