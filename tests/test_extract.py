@@ -193,3 +193,32 @@ def test_a_hook_that_never_fires_is_reported(family_model, seven_images) -> None
     finally:
         del loaded.model.unused_block
     assert hooks_left(loaded.model) == 0
+
+
+def test_cache_continuation_scores_equal_one_forward_per_class(family_model, seven_images) -> None:
+    """The extraction and the variant scoring (``score_answers``) continue the prompt's cache;
+    both equal one full forward per class (padded prompts of two lengths, 1-3 token names)."""
+    import torch
+
+    from pytest_mllmprobe.answer import score_answers, scores_by_continuation
+    from pytest_mllmprobe.models.adapter import ModelAdapter
+
+    from .helpers import LONG, SHORT
+
+    loaded, stage_map = family_model
+    names = ["normal", "benign cyst", "covid-positive"]
+    prompts = [build_prompt(loaded.processor, names, LONG if i % 2 else SHORT) for i in range(3)]
+    continuations = class_continuations(loaded.processor.tokenizer, prompts[0], names)
+    assert [len(c) for c in continuations] == [1, 2, 3]
+    images = seven_images[:3]
+    adapter = ModelAdapter()
+    inputs = adapter.encode(loaded.processor, images, prompts, loaded.device, loaded.dtype, "left",
+                            family_name=stage_map.family)
+    with torch.inference_mode():
+        reference = scores_by_continuation(loaded.model, inputs, continuations,
+                                           adapter.positions(inputs, family_name=stage_map.family)).numpy()
+    extracted = _run(loaded, stage_map, images, prompts, batch_size=3, names=names).answer_scores
+    variant = score_answers(loaded.model, loaded.processor, adapter, stage_map.family, lambda idx: [images[i] for i in idx],
+                            prompts, continuations, batch_size=2, device=loaded.device, dtype=loaded.dtype)
+    np.testing.assert_allclose(extracted, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(variant, reference, rtol=1e-4, atol=1e-5)
