@@ -91,14 +91,18 @@ NO_CACHE_CONTINUATION: frozenset[str] = frozenset({
 })
 
 CACHE_FALLBACK_NOTE = (
-    "multi-token class names of the {family!r} family are scored by one more full forward per class "
-    "(its forward cannot continue the prompt's KV cache)"
+    "multi-token class names of the {family!r} model are scored by one more full forward per class "
+    "(its forward is not known to continue the prompt's KV cache without the image)"
 )
 
 
-def continues_cache(family_name: str) -> bool:
-    """Whether multi-token names of ``family_name`` are scored through the prompt's KV cache."""
-    return family_name not in NO_CACHE_CONTINUATION
+def continues_cache(family_name: str, model: Any = None) -> bool:
+    """Whether multi-token names of ``family_name`` are scored through the prompt's KV cache:
+    transformers' own model classes (remote code and wrapped models are not known to continue a
+    cache without their image inputs) outside :data:`NO_CACHE_CONTINUATION`."""
+    if family_name in NO_CACHE_CONTINUATION:
+        return False
+    return model is None or type(model).__module__.startswith("transformers.")
 
 
 def cache_of(output: Any) -> Any:
@@ -237,7 +241,7 @@ def score_answers(
             mask = inputs["attention_mask"]
             last = last_prompt_index(mask)
             left_padded = bool((last == mask.shape[1] - 1).all())
-            continued = left_padded and not single_token(continuations) and continues_cache(family_name)
+            continued = left_padded and not single_token(continuations) and continues_cache(family_name, model)
             if single_token(continuations) or continued:
                 caching = {"use_cache": True} if continued and no_cache(model) else no_cache(model)
                 out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)

@@ -313,7 +313,7 @@ def extract(
             "image-token readout cannot find the image positions"
         )
     adapter = adapter if adapter is not None else ModelAdapter()
-    if not single_token(continuations) and not continues_cache(stage_map.family):
+    if not single_token(continuations) and not continues_cache(stage_map.family, model):
         import warnings
 
         warnings.warn(AnswerScoringWarning(CACHE_FALLBACK_NOTE.format(family=stage_map.family)), stacklevel=2)
@@ -371,7 +371,7 @@ def _one_batch(
     left_padded = bool((last_index == mask.shape[1] - 1).all())
     # Left padding puts every row's last prompt token at the end: only its logits are needed.
     # No KV cache unless multi-token names continue it: building one raises the peak memory.
-    continued = left_padded and not single_token(continuations) and continues_cache(stage_map.family)
+    continued = left_padded and not single_token(continuations) and continues_cache(stage_map.family, model)
     caching = {"use_cache": True} if continued and no_cache(model) else no_cache(model)
     out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)
     hooks.end_batch()

@@ -222,3 +222,15 @@ def test_cache_continuation_scores_equal_one_forward_per_class(family_model, sev
                             prompts, continuations, batch_size=2, device=loaded.device, dtype=loaded.dtype)
     np.testing.assert_allclose(extracted, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(variant, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_remote_code_and_listed_families_keep_the_full_forward_per_class(family_model) -> None:
+    from pytest_mllmprobe.answer import continues_cache
+
+    class RemoteModel:  # remote code: not known to continue a cache without its image inputs
+        pass
+
+    loaded, stage_map = family_model
+    assert continues_cache(stage_map.family, loaded.model)
+    assert not continues_cache(stage_map.family, RemoteModel())
+    assert not continues_cache("blip-2", loaded.model)
