@@ -148,7 +148,8 @@ def _cache_bytes(cache: Any) -> int:
     for layer in getattr(cache, "layers", ()):
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
-            total += int(tensor.numel() * tensor.element_size()) if tensor is not None and hasattr(tensor, "numel") else 0
+            if tensor is not None and hasattr(tensor, "numel"):
+                total += int(tensor.numel() * tensor.element_size())
     return total
 
 
@@ -368,7 +369,8 @@ def _report_multi(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
         ratios["multi_full_over_single_full"] = full["forward_s"] / runs["full"]["forward_s"]
     print(f"\nmulti-token class names {full['name_tokens']} tokens ({', '.join(MULTI_NAMES.values())})")
     print(f"{'run':<22} {'load s':>7} {'forward s':>10} {'probes s':>9} {'peak RSS MB':>12} {'fwd CPU s':>10}")
-    for name, run in (("bare, lean (multi)", lean), ("full, cache (multi)", full), ("full, per class (multi)", per_class)):
+    named = (("bare, lean (multi)", lean), ("full, cache (multi)", full), ("full, per class (multi)", per_class))
+    for name, run in named:
         probes = f"{run['probe_s']:.2f}" if "probe_s" in run else "-"
         print(f"{name:<22} {run['load_s']:>7.2f} {run['forward_s']:>10.2f} {probes:>9} {run['peak_rss_mb']:>12.0f} "
               f"{run['forward_cpu_s']:>10.2f}")

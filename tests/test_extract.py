@@ -218,7 +218,8 @@ def test_cache_continuation_scores_equal_one_forward_per_class(family_model, sev
         reference = scores_by_continuation(loaded.model, inputs, continuations,
                                            adapter.positions(inputs, family_name=stage_map.family)).numpy()
     extracted = _run(loaded, stage_map, images, prompts, batch_size=3, names=names).answer_scores
-    variant = score_answers(loaded.model, loaded.processor, adapter, stage_map.family, lambda idx: [images[i] for i in idx],
+    variant = score_answers(loaded.model, loaded.processor, adapter, stage_map.family,
+                            lambda idx: [images[i] for i in idx],
                             prompts, continuations, batch_size=2, device=loaded.device, dtype=loaded.dtype)
     np.testing.assert_allclose(extracted, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(variant, reference, rtol=1e-4, atol=1e-5)
