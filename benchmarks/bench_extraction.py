@@ -189,7 +189,8 @@ def run_full(args: argparse.Namespace, per_class: bool = False) -> dict[str, Any
     total_s = time.perf_counter() - start
     timings = dict(result.timings)
     n = len(the_plan.dataset)
-    widths = [locus.dim for name, locus in result.loci.items() if name != "answer"]
+    # the pooled loci: not the answer, not the logit lens's (read from the last-token features)
+    widths = [locus.dim for name, locus in result.loci.items() if name != "answer" and not name.startswith("lens.")]
     return {
         "plan_s": plan_s, "load_s": timings.get("load_s", 0.0), "forward_s": timings.get("extract_s", 0.0),
         "probe_s": timings.get("probe_s", 0.0), "evaluate_s": total_s, "timings": timings,
