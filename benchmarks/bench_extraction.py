@@ -16,6 +16,15 @@ in its own subprocess so that its peak RSS (``ru_maxrss``) is its own:
 * ``naive`` -- ``output_hidden_states=True`` forward plus a vision-tower call that returns every
   layer, pooled after the forward, then scikit-learn ``LogisticRegression`` per locus.
 
+With multi-token class names (``--names multi`` or ``both``, the default), the same dataset is
+read through a dataset YAML whose ``display_names`` take 2, 3 and 4 tokens (:data:`MULTI_NAMES`),
+and three more runs are measured side by side with the single-token ones:
+
+* ``lean-multi`` -- the lean bare forward over the (longer) multi-token prompt: the floor.
+* ``full-multi`` -- the engine; the class names continue each batch's KV cache.
+* ``full-multi-per-class`` -- the engine with the cache continuation switched off: one more full
+  forward per multi-token class and batch (the path before issue 17, still the fallback).
+
 Model loading is timed separately and left out of the ratios. Each run is repeated (``--repeats``,
 interleaved) and the fastest counts. Prints a table and one JSON line.
 """
@@ -47,6 +56,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   image_size=224, patch_size=14, images=1024, batch_size=16),
 }
 RESULT = "RESULT "
+
+#: display names of 2, 3 and 4 tokens under the demo's word-level tokenizer ("-" is a token)
+MULTI_NAMES = {"normal": "no lesion", "benign": "benign cyst mass", "malignant": "malignant tumor - positive"}
+#: the runs of each group of class names
+GROUPS = {"single": ("bare", "lean", "full", "naive"), "multi": ("lean-multi", "full-multi", "full-multi-per-class")}
 
 
 # -- the three measured runs (each runs in its own subprocess) ---------------------------------
@@ -128,13 +142,44 @@ def _cpu_timed(module: Any, name: str, into: dict[str, float]) -> None:
     setattr(module, name, timed)
 
 
-def run_full(args: argparse.Namespace) -> dict[str, Any]:
-    from pytest_mllmprobe import extract, probes
+def _cache_bytes(cache: Any) -> int:
+    """Bytes of every layer's keys and values in a transformers cache."""
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None and hasattr(tensor, "numel"):
+                total += int(tensor.numel() * tensor.element_size())
+    return total
+
+
+def _kv_measured(module: Any, into: dict[str, float]) -> None:
+    """Wrap ``module.scores_from_cache`` to keep the largest cache it grew (one batch's, repeated
+    over the classes and continued), in ``into["kv_cache_bytes"]``."""
+    original = module.scores_from_cache
+
+    def measured(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into["kv_cache_bytes"] = max(into.get("kv_cache_bytes", 0), _cache_bytes(args[4]))
+
+    module.scores_from_cache = measured
+
+
+def run_full(args: argparse.Namespace, per_class: bool = False) -> dict[str, Any]:
+    """The engine; ``per_class`` switches the cache continuation off (one more full forward per
+    multi-token class and batch, the fallback path)."""
+    from pytest_mllmprobe import answer, extract, probes
     from pytest_mllmprobe.engine import evaluate
 
     cpu: dict[str, float] = {}
     _cpu_timed(extract, "extract", cpu)
     _cpu_timed(probes, "fit_probes", cpu)
+    kv: dict[str, float] = {}
+    _kv_measured(extract, kv)
+    if per_class:
+        answer.NO_CACHE_CONTINUATION = answer.NO_CACHE_CONTINUATION | {"llava"}
 
     start = time.perf_counter()
     the_plan = _plan(args)
@@ -144,15 +189,29 @@ def run_full(args: argparse.Namespace) -> dict[str, Any]:
     total_s = time.perf_counter() - start
     timings = dict(result.timings)
     n = len(the_plan.dataset)
-    # the probe loci only: the answer and the logit lens (lens.<i>) are read from them, not pooled
+    # the pooled loci: not the answer, not the logit lens's (read from the last-token features)
     widths = [locus.dim for name, locus in result.loci.items() if name != "answer" and not name.startswith("lens.")]
     return {
         "plan_s": plan_s, "load_s": timings.get("load_s", 0.0), "forward_s": timings.get("extract_s", 0.0),
         "probe_s": timings.get("probe_s", 0.0), "evaluate_s": total_s, "timings": timings,
         "forward_cpu_s": cpu.get("extract", 0.0), "probe_cpu_s": cpu.get("fit_probes", 0.0),
         "loci": len(widths), "pooled_bytes": int(4 * n * sum(widths)), "n_images": n,
-        "profile": getattr(result, "profile", None),
+        "profile": getattr(result, "profile", None), "kv_cache_bytes": int(kv.get("kv_cache_bytes", 0)),
+        "name_tokens": [len(c) for c in _continuations(the_plan, args)],
     }
+
+
+def _continuations(the_plan: Any, args: argparse.Namespace) -> list[list[int]]:
+    """The class names' tokens as the engine scores them."""
+    from transformers import AutoProcessor
+
+    from pytest_mllmprobe.answer import class_continuations
+    from pytest_mllmprobe.prompts import DEFAULT_QUESTION, build_prompt
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    names = list(the_plan.dataset.display_names)
+    prompt = build_prompt(processor, names, the_plan.dataset.prompt or DEFAULT_QUESTION)
+    return class_continuations(processor.tokenizer, prompt, names)
 
 
 def run_naive(args: argparse.Namespace) -> dict[str, Any]:
@@ -204,7 +263,9 @@ def run_naive(args: argparse.Namespace) -> dict[str, Any]:
             "forward_cpu_s": forward_cpu_s, "probe_cpu_s": probe_cpu_s}
 
 
-MODES = {"bare": run_bare, "lean": lambda args: run_bare(args, lean=True), "full": run_full, "naive": run_naive}
+MODES = {"bare": run_bare, "lean": lambda args: run_bare(args, lean=True), "full": run_full, "naive": run_naive,
+         "lean-multi": lambda args: run_bare(args, lean=True), "full-multi": run_full,
+         "full-multi-per-class": lambda args: run_full(args, per_class=True)}
 
 
 # -- orchestration ------------------------------------------------------------------------------
@@ -224,12 +285,15 @@ def build(workdir: Path, preset: dict[str, Any], images: int) -> tuple[Path, Pat
     if not data_dir.exists():
         per_class = -(-images // 3)
         write_image_folder(make_images(per_class, size=preset["image_size"], seed=0), data_dir)
+    names = "\n".join(f"  {name}: {spoken}" for name, spoken in MULTI_NAMES.items())
+    (workdir / "data-multi.yaml").write_text(f"source: {data_dir.name}\ndisplay_names:\n{names}\n")
     return model_dir, data_dir
 
 
 def measure(mode: str, args: argparse.Namespace, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+    data = data_dir.parent / "data-multi.yaml" if mode in GROUPS["multi"] else data_dir
     command = [
-        sys.executable, __file__, "--mode", mode, "--model", str(model_dir), "--data", str(data_dir),
+        sys.executable, __file__, "--mode", mode, "--model", str(model_dir), "--data", str(data),
         "--images", str(args.images), "--batch-size", str(args.batch_size), "--device", args.device,
         "--dtype", args.dtype, *(["--threads", str(args.threads)] if args.threads else []),
     ]
@@ -241,7 +305,8 @@ def measure(mode: str, args: argparse.Namespace, model_dir: Path, data_dir: Path
     return json.loads(lines[-1][len(RESULT):])
 
 
-def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def _report_single(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
+    """The single-token table; its ratios."""
     bare, lean, full, naive = runs["bare"], runs["lean"], runs["full"], runs["naive"]
     full_total = full["forward_s"] + full["probe_s"]
     naive_total = naive["forward_s"] + naive["probe_s"]
@@ -283,8 +348,48 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[st
               f"{run['forward_cpu_s']:>10.2f} {probe_cpu:>12}")
     print(f"pooled features: {full['pooled_bytes'] / 2**20:.1f} MB; "
           f"RSS budget (bare peak + 2x pooled): {rss_budget:.0f} MB; lean: {lean_budget:.0f} MB")
-    summary = {"size": args.size, "images": full["n_images"], "batch_size": args.batch_size,
-               "threads": runs["bare"].get("threads"),
+    return ratios
+
+
+def _report_multi(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
+    """The multi-token table; its ratios (against the lean forward over the same prompt)."""
+    lean, full, per_class = runs["lean-multi"], runs["full-multi"], runs["full-multi-per-class"]
+    kv_mb, pooled_mb = full["kv_cache_bytes"] / 2**20, full["pooled_bytes"] / 2**20
+    budget = lean["peak_rss_mb"] + 2 * pooled_mb + kv_mb
+    ratios = {
+        "multi_full_over_lean": full["forward_s"] / lean["forward_s"],
+        "multi_per_class_over_lean": per_class["forward_s"] / lean["forward_s"],
+        "multi_per_class_over_full": per_class["forward_s"] / full["forward_s"],
+        "cpu_multi_full_over_lean": full["forward_cpu_s"] / lean["forward_cpu_s"],
+        "multi_full_peak_rss_mb": full["peak_rss_mb"],
+        "multi_kv_cache_mb": kv_mb,
+        "multi_rss_budget_mb": budget,
+        "multi_full_rss_over_budget": full["peak_rss_mb"] / budget,
+    }
+    if "full" in runs:
+        ratios["multi_full_over_single_full"] = full["forward_s"] / runs["full"]["forward_s"]
+    print(f"\nmulti-token class names {full['name_tokens']} tokens ({', '.join(MULTI_NAMES.values())})")
+    print(f"{'run':<22} {'load s':>7} {'forward s':>10} {'probes s':>9} {'peak RSS MB':>12} {'fwd CPU s':>10}")
+    named = (("bare, lean (multi)", lean), ("full, cache (multi)", full), ("full, per class (multi)", per_class))
+    for name, run in named:
+        probes = f"{run['probe_s']:.2f}" if "probe_s" in run else "-"
+        print(f"{name:<22} {run['load_s']:>7.2f} {run['forward_s']:>10.2f} {probes:>9} {run['peak_rss_mb']:>12.0f} "
+              f"{run['forward_cpu_s']:>10.2f}")
+    print(f"KV cache of one batch (repeated over the classes, continued): {kv_mb:.1f} MB; "
+          f"RSS budget (lean peak + 2x pooled + KV cache): {budget:.0f} MB")
+    return ratios
+
+
+def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Both tables (for the groups that ran) and one JSON line with every ratio."""
+    ratios: dict[str, float] = {}
+    first = runs.get("full") or runs["full-multi"]
+    if "full" in runs:
+        ratios.update(_report_single(runs, args))
+    if "full-multi" in runs:
+        ratios.update(_report_multi(runs, args))
+    summary = {"size": args.size, "images": first["n_images"], "batch_size": args.batch_size,
+               "threads": first.get("threads"), "names": args.names,
                "device": args.device, "cpus": os.cpu_count(), "machine": platform.machine(),
                **{k: round(v, 4) for k, v in ratios.items()}}
     print(json.dumps(summary))
@@ -302,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads in every run (default: torch's); 1 makes CPU seconds robust on a busy machine")
     parser.add_argument("--repeats", type=int, default=1,
                         help="interleaved runs of each, the fastest counting (default 1; 3 for figures to quote)")
+    parser.add_argument("--names", choices=("single", "multi", "both"), default="both",
+                        help="class names of one token, of 2-4 tokens, or both side by side (default)")
     parser.add_argument("--json", default=None, help="also write every run's figures to this file")
     parser.add_argument("--workdir", default=None, help="keep the model and images here (default: a temp dir)")
     parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
@@ -331,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         model_dir, data_dir = build(workdir, preset, args.images)
         print(f"built model and {args.images} images in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        trials: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+        groups = ("single", "multi") if args.names == "both" else (args.names,)
+        trials: dict[str, list[dict[str, Any]]] = {mode: [] for group in groups for mode in GROUPS[group]}
         for _ in range(args.repeats):  # interleaved, so a busy spell hits every run alike
             for mode in trials:
                 trials[mode].append(measure(mode, args, model_dir, data_dir))

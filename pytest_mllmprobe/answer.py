@@ -3,8 +3,11 @@
 Each class name is scored as the continuation of the prompt: the sum of the log-probabilities
 of its tokens, divided by its number of tokens (length-normalised, so a long name is not
 penalised for having more tokens). The class with the highest score is the model's answer.
-Single-token names are scored from the logits of the extraction forward itself; multi-token
-names need one extra forward per class and batch.
+Single-token names are scored from the logits of the extraction forward itself. Multi-token
+names continue that forward's KV cache (:func:`scores_from_cache`): the cache is repeated once
+per class and every class's remaining tokens go through the language model in one batched pass,
+so the image and the prompt are never run again. A family that cannot continue a cache
+(:data:`NO_CACHE_CONTINUATION`) runs one more full forward per class (:func:`scores_by_continuation`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,126 @@ def scores_from_last_logits(last_logits: Any, continuations: list[list[int]]) ->
 REPEAT_LAST_POSITION = ("cross_attention_mask",)
 
 
+#: per-token side inputs whose appended answer tokens take a value of their own, by model type:
+#: PaliGemma's ``token_type_ids`` are 0 for the bidirectional prefix (image and prompt) and 1
+#: for the causal suffix, which the answer is (``generate`` appends ones)
+APPENDED_VALUE = {("paligemma", "token_type_ids"): 1}
+
+
+def _tail(model: Any, key: str, value: Any, length: int) -> Any:
+    """``[B, length, ...]`` values of the per-token input ``key`` for ``length`` appended answer tokens."""
+    import torch
+
+    if key in REPEAT_LAST_POSITION:  # the answer tokens see what the last prompt token sees
+        return value[:, -1:].expand(-1, length, *value.shape[2:])
+    # other per-token side inputs (e.g. mm_token_type_ids): the answer tokens are text
+    fill = APPENDED_VALUE.get((getattr(getattr(model, "config", None), "model_type", None), key), 0)
+    return torch.full((value.shape[0], length, *value.shape[2:]), fill, dtype=value.dtype, device=value.device)
+
+
+#: families whose forward cannot continue a KV cache without the image inputs, scored by
+#: :func:`scores_by_continuation` instead (found by ``tests/test_architectures.py``)
+NO_CACHE_CONTINUATION: frozenset[str] = frozenset({
+    # pixel_values is a required argument of the forward: the image would be encoded again anyway
+    "blip-2", "instructblip",
+})
+
+CACHE_FALLBACK_NOTE = (
+    "multi-token class names of the {family!r} model are scored by one more full forward per class "
+    "(its forward is not known to continue the prompt's KV cache without the image)"
+)
+
+
+def continues_cache(family_name: str, model: Any = None) -> bool:
+    """Whether multi-token names of ``family_name`` are scored through the prompt's KV cache:
+    transformers' own model classes (remote code and wrapped models are not known to continue a
+    cache without their image inputs) outside :data:`NO_CACHE_CONTINUATION`."""
+    if family_name in NO_CACHE_CONTINUATION:
+        return False
+    return model is None or type(model).__module__.startswith("transformers.")
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _cache_kwarg(model: Any) -> str:
+    import inspect
+
+    kind = type(model)
+    if kind not in _CACHE_KWARG:
+        try:
+            names = set(inspect.signature(kind.forward).parameters)
+        except (TypeError, ValueError):
+            names = set()
+        _CACHE_KWARG[kind] = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_KWARG[kind]
+
+
+def scores_from_cache(
+    model: Any, inputs: dict[str, Any], continuations: list[list[int]], extra: dict[str, Any], cache: Any,
+    last_logits: Any,
+) -> Any:
+    """``[B, K]`` length-normalised scores from the prompt's forward (left-padded inputs):
+    its last-position logits ``last_logits`` score every name's first token; the KV ``cache`` it
+    returned is repeated once per multi-token class, and their remaining tokens (right-padded to
+    the longest, padding masked) go through the model in ONE batched forward, without the image
+    inputs. Equals :func:`scores_by_continuation`. The cache is consumed (grown in place)."""
+    import torch
+
+    input_ids = inputs["input_ids"]
+    mask = inputs["attention_mask"]
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    first = torch.log_softmax(last_logits.float(), dim=-1)
+    first = first[:, torch.tensor([c[0] for c in continuations], device=first.device)]
+    sums = first.clone()
+    longer = [k for k, c in enumerate(continuations) if len(c) > 1]
+    if longer:
+        k_count, length = len(longer), max(len(continuations[k]) for k in longer) - 1
+        fed = torch.zeros((k_count, length), dtype=input_ids.dtype, device=device)  # tokens 1..m-1 go in
+        target = torch.zeros((k_count, length), dtype=torch.long, device=device)  # tokens 2..m come out
+        real = torch.zeros((k_count, length), dtype=mask.dtype, device=device)
+        for row, k in enumerate(longer):
+            tokens = continuations[k]
+            fed[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], device=device)
+            target[row, : len(tokens) - 1] = torch.tensor(tokens[1:], device=device)
+            real[row, : len(tokens) - 1] = 1
+        rows = batch * k_count  # row b * k_count + j: image b, class longer[j]
+        cache.batch_repeat_interleave(k_count)
+        ids = fed.repeat(batch, 1)
+        full_mask = torch.cat([mask.repeat_interleave(k_count, dim=0), real.repeat(batch, 1)], dim=1)
+        kwargs: dict[str, Any] = {}
+        for key, value in inputs.items():
+            # per-token side inputs continue as in scores_by_continuation; image inputs stay out:
+            # the image is in the cache
+            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+                continue
+            if value.shape[:2] != input_ids.shape:
+                continue
+            kwargs[key] = _tail(model, key, value, length).repeat_interleave(k_count, dim=0)
+        positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_len:]
+        deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+        if "position_ids" in extra:
+            kwargs["position_ids"] = positions
+        elif isinstance(deltas, torch.Tensor):  # multimodal rotary (Qwen, GLM): text after the image
+            delta = deltas.to(device).reshape(batch, -1)[:, :1].repeat_interleave(k_count, dim=0)
+            kwargs["position_ids"] = (positions + delta).unsqueeze(0).expand(3, rows, length)
+        out = model(input_ids=ids, attention_mask=full_mask, **{_cache_kwarg(model): cache}, **kwargs)
+        logp = torch.log_softmax(out.logits[:, -length:].float(), dim=-1)
+        del out
+        picked = logp.gather(-1, target.repeat(batch, 1).unsqueeze(-1)).squeeze(-1)
+        rest = (picked * real.repeat(batch, 1)).sum(dim=1).reshape(batch, k_count)
+        sums[:, longer] = sums[:, longer] + rest.to(sums.device)
+    counts = torch.tensor([len(c) for c in continuations], dtype=sums.dtype, device=sums.device)
+    return sums / counts
+
+
 def scores_by_continuation(
     model: Any, inputs: dict[str, Any], continuations: list[list[int]], extra: dict[str, Any]
 ) -> Any:
@@ -82,12 +205,7 @@ def scores_by_continuation(
             if key in ("input_ids", "attention_mask"):
                 continue
             if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape:
-                if key in REPEAT_LAST_POSITION:  # the answer tokens see what the last prompt token sees
-                    tail = value[:, -1:].expand(-1, len(tokens), *value.shape[2:])
-                else:  # per-token side inputs (e.g. mm_token_type_ids): the answer tokens are text
-                    tail = torch.zeros((batch, len(tokens), *value.shape[2:]), dtype=value.dtype,
-                                       device=value.device)
-                value = torch.cat([value, tail], dim=1)
+                value = torch.cat([value, _tail(model, key, value, len(tokens))], dim=1)
             kwargs[key] = value
         kwargs.update(extra)
         if "position_ids" in extra:
@@ -106,7 +224,8 @@ def score_answers(
     continuations: list[list[int]], *, batch_size: int, device: Any, dtype: Any,
 ) -> Any:
     """``[N, K]`` closed-set answer scores of every image under ``prompts`` (one per image): one
-    forward per batch (and one per class for multi-token names), no hooks, nothing else read.
+    forward per batch (and one continuation of its cache for multi-token names), no hooks,
+    nothing else read.
     Used for the answer under other option orders and prompt wordings."""
     import torch
 
@@ -119,16 +238,26 @@ def score_answers(
             inputs = adapter.encode(processor, images(index), [prompts[i] for i in index], device, dtype, "left",
                                     family_name=family_name)
             extra = adapter.positions(inputs, family_name=family_name)
-            if single_token(continuations):
-                mask = inputs["attention_mask"]
-                last = last_prompt_index(mask)
-                left_padded = bool((last == mask.shape[1] - 1).all())
-                out = model(**inputs, **extra, **no_cache(model), logits_to_keep=1 if left_padded else 0)
+            mask = inputs["attention_mask"]
+            last = last_prompt_index(mask)
+            left_padded = bool((last == mask.shape[1] - 1).all())
+            continued = left_padded and not single_token(continuations) and continues_cache(family_name, model)
+            if single_token(continuations) or continued:
+                caching = {"use_cache": True} if continued and no_cache(model) else no_cache(model)
+                out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)
                 if left_padded:
                     logits = out.logits[:, -1]
                 else:
                     logits = out.logits[torch.arange(mask.shape[0], device=out.logits.device), last]
-                columns.append(scores_from_last_logits(logits, continuations).float().cpu())
+                cache = cache_of(out) if continued else None
+                del out
+                if single_token(continuations):
+                    columns.append(scores_from_last_logits(logits, continuations).float().cpu())
+                elif cache is not None:
+                    columns.append(scores_from_cache(model, inputs, continuations, extra, cache, logits).float().cpu())
+                else:
+                    columns.append(scores_by_continuation(model, inputs, continuations, extra).float().cpu())
+                del cache
             else:
                 columns.append(scores_by_continuation(model, inputs, continuations, extra).float().cpu())
     return torch.cat(columns).numpy()

@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .answer import scores_by_continuation, scores_from_last_logits, single_token
+from .answer import (
+    CACHE_FALLBACK_NOTE, cache_of, continues_cache, scores_by_continuation, scores_from_cache,
+    scores_from_last_logits, single_token,
+)
 from .errors import ConfigError
 from .inputs import first_tensor, last_prompt_index, no_cache
 from .lens import LensHead
@@ -50,6 +53,10 @@ class Features:
     @property
     def n_images(self) -> int:
         return int(self.answer_scores.shape[0])
+
+
+class AnswerScoringWarning(UserWarning):
+    """The answer is scored the slow way (one more full forward per multi-token class)."""
 
 
 class ExtractionError(RuntimeError):
@@ -306,6 +313,10 @@ def extract(
             "image-token readout cannot find the image positions"
         )
     adapter = adapter if adapter is not None else ModelAdapter()
+    if not single_token(continuations) and not continues_cache(stage_map.family, model):
+        import warnings
+
+        warnings.warn(AnswerScoringWarning(CACHE_FALLBACK_NOTE.format(family=stage_map.family)), stacklevel=2)
     n = len(prompts)
     scores: list[Any] = []
     firsts: list[Any] = []
@@ -359,9 +370,12 @@ def _one_batch(
     )
     left_padded = bool((last_index == mask.shape[1] - 1).all())
     # Left padding puts every row's last prompt token at the end: only its logits are needed.
-    # No KV cache: nothing reads it, and building one per forward raises the peak memory.
-    out = model(**inputs, **extra, **no_cache(model), logits_to_keep=1 if left_padded else 0)
+    # No KV cache unless multi-token names continue it: building one raises the peak memory.
+    continued = left_padded and not single_token(continuations) and continues_cache(stage_map.family, model)
+    caching = {"use_cache": True} if continued and no_cache(model) else no_cache(model)
+    out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)
     hooks.end_batch()
+    cache = cache_of(out) if continued else None
     if left_padded:
         last_logits = out.logits[:, -1]
     else:
@@ -376,7 +390,11 @@ def _one_batch(
         raise ExtractionError("multi-token class names are scored on left-padded prompts only")
     else:
         with hooks.paused():
-            batch_scores = scores_by_continuation(model, inputs, continuations, extra)
+            if cache is not None:  # the class names continue the prompt's cache: no second image forward
+                batch_scores = scores_from_cache(model, inputs, continuations, extra, cache, last_logits)
+            else:
+                batch_scores = scores_by_continuation(model, inputs, continuations, extra)
+        del cache  # the cache lives for this batch only
     return batch_scores.float().cpu(), first_logits
 
 

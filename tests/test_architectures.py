@@ -285,3 +285,54 @@ def test_multi_token_class_names_are_scored_in_every_family(family_model, seven_
         [prompt] * 3, continuations, batch_size=3, device=loaded.device, dtype=loaded.dtype,
     )
     assert out.answer_scores.shape == (3, 2) and np.isfinite(out.answer_scores).all()
+
+
+#: class names of one, two and three tokens under the word-level tokenizers ("-" is its own token)
+MIXED_NAMES = ["normal", "benign cyst", "malignant mass", "covid-positive"]
+
+
+def test_multi_token_names_continue_the_prompt_cache_with_the_same_scores(family_model, seven_images) -> None:
+    """Names of 2-3 tokens continue the extraction forward's KV cache (one batched pass over the
+    classes, no image inputs): the scores equal one full forward per class, under left padding."""
+    import torch
+
+    import contextlib
+
+    from pytest_mllmprobe.answer import NO_CACHE_CONTINUATION, scores_by_continuation
+    from pytest_mllmprobe.extract import AnswerScoringWarning
+    from pytest_mllmprobe.models.adapter import ModelAdapter
+    from pytest_mllmprobe.prompts import build_prompt
+
+    from .helpers import LONG, SHORT
+
+    loaded, stage_map = family_model
+    prompts = [build_prompt(loaded.processor, MIXED_NAMES, LONG if i % 2 else SHORT) for i in range(3)]
+    continuations = class_continuations(loaded.processor.tokenizer, prompts[0], MIXED_NAMES)
+    assert sorted({len(c) for c in continuations}) == [1, 2, 3]
+    assert class_continuations(loaded.processor.tokenizer, prompts[1], MIXED_NAMES) == continuations
+    images = seven_images[:3]
+    calls: list[dict] = []
+    handle = loaded.model.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs), with_kwargs=True)
+    slow = stage_map.family in NO_CACHE_CONTINUATION
+    try:  # the slow path says so
+        with pytest.warns(AnswerScoringWarning, match=stage_map.family) if slow else contextlib.nullcontext():
+            ours = extract(loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx], prompts,
+                           continuations, batch_size=3, device=loaded.device, dtype=loaded.dtype,
+                           adapter=getattr(loaded, "adapter", None))
+    finally:
+        handle.remove()
+    adapter = getattr(loaded, "adapter", None) or ModelAdapter()
+    inputs = adapter.encode(loaded.processor, images, prompts, loaded.device, loaded.dtype, "left",
+                            family_name=stage_map.family)
+    assert inputs["attention_mask"].shape[1] > int(inputs["attention_mask"].sum(1).min())  # really padded
+    with torch.inference_mode():
+        reference = scores_by_continuation(loaded.model, inputs, continuations,
+                                           adapter.positions(inputs, family_name=stage_map.family))
+    np.testing.assert_allclose(ours.answer_scores, reference.numpy(), rtol=1e-4, atol=1e-5)
+    if slow:
+        # today's path: every forward runs the image again, one per multi-token class
+        assert len(calls) > sum(len(c) > 1 for c in continuations) and all("pixel_values" in c for c in calls)
+    else:  # the extraction forward, then one continuation without the image
+        assert len(calls) == 2
+        assert not any("pixel" in key for key in calls[1]) and calls[1]["input_ids"].shape == (3 * 3, 2)

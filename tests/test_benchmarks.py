@@ -46,6 +46,17 @@ def test_extraction_benchmark_runs_in_ci_size(tmp_path: Path) -> None:
                       atol=1e-3)
     assert summary["probe_over_bare"] == round(runs["full"]["probe_s"] / runs["bare"]["forward_s"], 4)
     assert summary["full_over_lean"] == round(runs["full"]["forward_s"] / runs["lean"]["forward_s"], 4)
+    # multi-token class names, side by side in the same run: 2, 3 and 4 tokens, the cache continued
+    for line in ("bare, lean (multi)", "full, cache (multi)", "full, per class (multi)"):
+        assert line in done.stdout
+    assert sorted(runs["full-multi"]["name_tokens"]) == [2, 3, 4] and runs["full"]["name_tokens"] == [1, 1, 1]
+    assert runs["full-multi"]["kv_cache_bytes"] > 0 and runs["full-multi-per-class"]["kv_cache_bytes"] == 0
+    assert runs["full"]["kv_cache_bytes"] == 0  # single-token names build no cache
+    multi_ratio = runs["full-multi"]["forward_s"] / runs["lean-multi"]["forward_s"]
+    assert summary["multi_full_over_lean"] == round(multi_ratio, 4)
+    assert np.isclose(summary["multi_rss_budget_mb"], runs["lean-multi"]["peak_rss_mb"]
+                      + 2 * runs["full-multi"]["pooled_bytes"] / 2**20 + runs["full-multi"]["kv_cache_bytes"] / 2**20,
+                      atol=1e-3)
 
 
 def test_probe_benchmark_runs_and_compares_with_sklearn(capsys) -> None:

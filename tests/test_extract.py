@@ -96,22 +96,27 @@ def test_multi_token_names_are_scored_as_whole_sequences(family_model, seven_ima
     assert not np.allclose(scores[:, 1], single[:, 1])
 
 
-def test_no_forward_builds_a_kv_cache(family_model, seven_images) -> None:
-    # nothing reads the cache; building one per forward costs every layer's keys and values
+def test_only_multi_token_names_build_a_kv_cache_and_continue_it(family_model, seven_images) -> None:
+    # single-token names: nothing reads the cache, and building one costs every layer's keys and
+    # values; multi-token names: the extraction forward's cache is continued once for all classes
+    from pytest_mllmprobe.answer import cache_of
+
     loaded, stage_map = family_model
     seen: list[object] = []
 
     def spy(module, args, kwargs, output):
-        seen.append((kwargs.get("use_cache", "absent"), getattr(output, "past_key_values", None)))
+        seen.append((kwargs.get("use_cache", "absent"), cache_of(output) is not None, "pixel_values" in kwargs))
 
     handle = loaded.model.register_forward_hook(spy, with_kwargs=True)
     try:
-        prompt = build_prompt(loaded.processor, ["benign", "malignant mass"])
-        _run(loaded, stage_map, seven_images[:2], [prompt] * 2, batch_size=2, names=["benign", "malignant mass"])
+        for names in (["benign", "malignant"], ["benign", "malignant mass", "benign cyst"]):
+            prompt = build_prompt(loaded.processor, names)
+            _run(loaded, stage_map, seven_images[:2], [prompt] * 2, batch_size=2, names=names)
     finally:
         handle.remove()
-    assert len(seen) == 3  # the extraction forward and one per multi-token class
-    assert seen == [(False, None)] * 3
+    # one forward for single-token names; for multi-token ones the extraction forward (building
+    # the cache) and ONE continuation of it for both multi-token classes, without the image
+    assert seen == [(False, False, True), (True, True, True), ("absent", True, False)]
 
 
 def test_no_cache_is_only_passed_to_a_forward_that_takes_it() -> None:
@@ -188,3 +193,45 @@ def test_a_hook_that_never_fires_is_reported(family_model, seven_images) -> None
     finally:
         del loaded.model.unused_block
     assert hooks_left(loaded.model) == 0
+
+
+def test_cache_continuation_scores_equal_one_forward_per_class(family_model, seven_images) -> None:
+    """The extraction and the variant scoring (``score_answers``) continue the prompt's cache;
+    both equal one full forward per class (padded prompts of two lengths, 1-3 token names)."""
+    import torch
+
+    from pytest_mllmprobe.answer import score_answers, scores_by_continuation
+    from pytest_mllmprobe.models.adapter import ModelAdapter
+
+    from .helpers import LONG, SHORT
+
+    loaded, stage_map = family_model
+    names = ["normal", "benign cyst", "covid-positive"]
+    prompts = [build_prompt(loaded.processor, names, LONG if i % 2 else SHORT) for i in range(3)]
+    continuations = class_continuations(loaded.processor.tokenizer, prompts[0], names)
+    assert [len(c) for c in continuations] == [1, 2, 3]
+    images = seven_images[:3]
+    adapter = ModelAdapter()
+    inputs = adapter.encode(loaded.processor, images, prompts, loaded.device, loaded.dtype, "left",
+                            family_name=stage_map.family)
+    with torch.inference_mode():
+        reference = scores_by_continuation(loaded.model, inputs, continuations,
+                                           adapter.positions(inputs, family_name=stage_map.family)).numpy()
+    extracted = _run(loaded, stage_map, images, prompts, batch_size=3, names=names).answer_scores
+    variant = score_answers(loaded.model, loaded.processor, adapter, stage_map.family,
+                            lambda idx: [images[i] for i in idx],
+                            prompts, continuations, batch_size=2, device=loaded.device, dtype=loaded.dtype)
+    np.testing.assert_allclose(extracted, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(variant, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_remote_code_and_listed_families_keep_the_full_forward_per_class(family_model) -> None:
+    from pytest_mllmprobe.answer import continues_cache
+
+    class RemoteModel:  # remote code: not known to continue a cache without its image inputs
+        pass
+
+    loaded, stage_map = family_model
+    assert continues_cache(stage_map.family, loaded.model)
+    assert not continues_cache(stage_map.family, RemoteModel())
+    assert not continues_cache("blip-2", loaded.model)
