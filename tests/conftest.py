@@ -14,14 +14,46 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 pytest_plugins = ["pytester"]
 
-# pytester puts sys.modules back as it was after every test that uses it, so a C extension first
-# imported inside such a test is imported a second time by the next one, which numpy and torch
-# refuse ("cannot load module more than once per process"). Import them once, up front.
-import numpy  # noqa: E402,F401
-import scipy.stats  # noqa: E402,F401
-import sklearn.metrics  # noqa: E402,F401
-import torch  # noqa: E402,F401
-import transformers  # noqa: E402,F401
+# pytester puts sys.modules back as it was after every test that uses it. A C extension, a torch
+# operator library (torch._dynamo registers them on import) or a transformers lazy module first
+# imported inside such a test is then imported a second time by a later test, which they refuse
+# ("cannot load module more than once per process", "Only a single TORCH_LIBRARY ..."): which test
+# imports them first depends on the order xdist hands out. So installed packages (site-packages,
+# the standard library) stay imported across pytester's restore; what the tests write and our own
+# package are restored as pytester means them to be.
+import sys  # noqa: E402
+
+
+def _installed(module: object) -> bool:
+    path = getattr(module, "__path__", None)
+    places = [getattr(module, "__file__", None), *(path if isinstance(path, (list, tuple)) else [])]
+    try:  # namespace packages keep their folders in a _NamespacePath
+        places += [str(p) for p in path] if path is not None and not isinstance(path, (list, tuple, str)) else []
+    except TypeError:  # e.g. torch.classes: a namespace object, not a list of folders
+        pass
+    roots = {sys.prefix, sys.base_prefix}
+    return any(isinstance(p, str) and ("site-packages" in p or any(p.startswith(r + "/lib") for r in roots))
+               for p in places)
+
+
+def _keep_installed_modules() -> None:
+    from _pytest import pytester as _pytester
+
+    snapshot = getattr(_pytester, "SysModulesSnapshot", None)
+    if snapshot is None or getattr(snapshot.restore, "_keeps_installed", False):
+        return
+    restore = snapshot.restore
+
+    def restore_keeping_installed(self) -> None:  # type: ignore[no-untyped-def]
+        kept = {name: module for name, module in sys.modules.items() if _installed(module)}
+        restore(self)
+        sys.modules.update(kept)
+
+    restore_keeping_installed._keeps_installed = True  # type: ignore[attr-defined]
+    snapshot.restore = restore_keeping_installed
+
+
+_keep_installed_modules()
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"

@@ -71,6 +71,13 @@ def test_a_language_model_lora_leaves_vision_and_connector_bit_identical(
     assert tuned.changes["text"].startswith(f"changed: llm ({2 * n_layers} LoRA modules); unchanged: vision")
     assert tuned.comparison["against"] == f"base model {base.name!r}" and tuned.comparison["contradictions"] == []
     assert tuned.stage_map == results[base.name].stage_map  # found on the merged model as on the base
+    # the report marks the stages the adapter left alone
+    from pytest_mllmprobe.report.layout import curve_of
+    from pytest_mllmprobe.report.page import changes_paragraph
+
+    model = results.to_dict()["models"][adapter.name]
+    assert curve_of(model).unchanged == ("vision", "connector", "answer")
+    assert f"weights: changed: llm ({2 * n_layers} LoRA modules)" in changes_paragraph(model)
 
     found = features([str(adapter), str(base)], lesion_data)
     ours, theirs = found[adapter.name], found[base.name]

@@ -70,6 +70,8 @@ class Curve:
     failing_stage_rules: tuple[tuple[str, int], ...] = ()   # (stage, x of the rule's locus)
     first_failing_stage: str | None = None
     failing_stages: tuple[str, ...] = field(default=())
+    #: stages whose weights the fine-tune did not change (``changed_stages.unchanged``)
+    unchanged: tuple[str, ...] = field(default=())
 
     def series(self, readout: str | None) -> list[Point]:
         """The points of one line: ``image`` is vision + connector + LLM image-token mean."""
@@ -223,6 +225,7 @@ def curve_of(model: dict[str, Any]) -> Curve:
         tick_stages=tuple(tick_stages), points=tuple(points), spans=spans, consumed_x=consumed_x,
         failing_stage_rules=tuple(rules), first_failing_stage=model.get("first_failing_stage"),
         failing_stages=tuple(failing_stages(model)),
+        unchanged=tuple((model.get("changed_stages") or {}).get("unchanged") or ()),
     )
 
 

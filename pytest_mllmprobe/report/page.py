@@ -115,7 +115,7 @@ def model_section(label: str, model: Mapping[str, Any], png: bytes | None, ancho
         f'<section class="model" id="{esc(anchor)}"><h2>{esc(label)}</h2>'
         f'<p class="profile">{esc(model.get("profile"))}</p>'
         f'<p class="{"ok" if healthy else "bad"}">{esc(diagnosis(dict(model)))}</p>'
-        f'<p class="meta">{esc(facts)}</p>{image}'
+        f'<p class="meta">{esc(facts)}</p>{changes_paragraph(model)}{image}'
         f"<h3>Per-locus tests</h3>{locus_table(model)}"
         f"<h3>Stage rules</h3>{rule_table(model)}</section>"
     )
@@ -152,3 +152,11 @@ def render_page(results: Mapping[str, Any], model_pngs: Mapping[str, bytes | Non
 
 
 __all__ = ["CSS", "LOCUS_COLUMNS", "data_uri", "locus_table", "model_section", "render_page", "rule_table"]
+
+
+def changes_paragraph(model: Mapping[str, Any]) -> str:
+    """What a fine-tune changed, per stage (``changed_stages``), or nothing when the run does not know."""
+    changes = model.get("changed_stages") or {}
+    if not changes.get("text"):
+        return ""
+    return f'<p class="meta">weights: {esc(changes["text"])} (vs {esc(changes.get("against", "?"))})</p>'

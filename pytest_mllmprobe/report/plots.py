@@ -149,11 +149,13 @@ def _stage_labels(fig: Any, ax: Any, curve: Curve) -> None:
         texts = []
         for i, (stage, (lo, hi)) in enumerate(curve.spans.items()):
             failing = stage in curve.failing_stages
+            same = stage in curve.unchanged  # the fine-tune left these weights as they were
             texts.append(ax.text(
                 (lo + hi) / 2, 1.012 + (0.05 if stagger and i % 2 else 0.0),
-                names.get(stage, stage), transform=transform, ha="center", va="bottom",
-                fontsize=9.5, fontweight="bold" if failing else "normal",
-                color=COLORS["fail"] if failing else "#333333", clip_on=False,
+                names.get(stage, stage) + (" (unchanged)" if same else ""), transform=transform, ha="center",
+                va="bottom", fontsize=9.5, fontweight="bold" if failing else "normal",
+                fontstyle="italic" if same else "normal",
+                color=COLORS["fail"] if failing else ("#777777" if same else "#333333"), clip_on=False,
             ))
         for t in texts:  # keep the end bands' labels inside the figure
             box = t.get_window_extent(renderer)
