@@ -365,23 +365,24 @@ def fit_predict(
     scikit-learn's ``LogisticRegression(C=1)`` per locus on the CPU (the reference the
     ``linear`` probe is tested against). Columns are all ``K = labels.max() + 1`` classes.
     """
+    if kind not in PROBES:
+        raise ValueError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
     y_train = np.asarray(labels)[train]
-    fitted = fit_predict_sets(features, labels, y_train[None], train, test, kind=kind, seed=seed, device=device)
+    [fitted] = fit_folds(features, labels, [(train, test)], [y_train[None]], kind=kind, seed=seed, device=device)
     return {name: proba[0] for name, proba in fitted.items()}
 
 
 def fit_predict_sets(
     features: dict[str, np.ndarray], labels: np.ndarray, label_sets: np.ndarray, train: np.ndarray,
-    test: np.ndarray, *, kind: str = "linear", seed: int = 0, device: str = "cpu",
+    test: np.ndarray, *, kind: str = "mlp", seed: int = 0, device: str = "cpu",
 ) -> dict[str, np.ndarray]:
-    """:func:`fit_predict` for ``S`` sets of training labels at once (``label_sets [S, n_train]``,
-    e.g. the real ones and permutations of them): ``[S, n_test, K]`` per locus.
-
-    Linear probes fit every set and every locus of one width in one batch; MLP and sklearn
-    probes fit one set after the other. Every set must hold the classes of ``labels[train]``.
+    """MLP or sklearn probes (:func:`fit_predict`) for ``S`` sets of training labels
+    (``label_sets [S, n_train]``, e.g. the real ones and permutations of them): ``[S, n_test, K]``
+    per locus. The sets are fitted one after the other (linear probes: :func:`_linear_folds`).
+    Every set must hold the classes of ``labels[train]``.
     """
-    if kind not in PROBES:
-        raise ValueError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
+    if kind not in ("mlp", "sklearn"):
+        raise ValueError(f"fit_predict_sets fits mlp or sklearn probes, not {kind!r}; linear ones: fit_folds")
     label_sets = np.asarray(label_sets)
     k = int(labels.max()) + 1
     n_sets = len(label_sets)
@@ -407,14 +408,10 @@ def fit_predict_sets(
     cfg = MLPProbe(seed=seed)
     for names in by_width.values():
         x_train, x_test = _standardised_stack(features, names, train, test)
-        if kind == "linear":
-            coef, intercept = fit_linear(x_train, codes, len(classes), device=device)
-            probabilities = np.stack([_linear_proba(coef[s], intercept[s], x_test) for s in range(n_sets)], axis=1)
-        else:
-            probabilities = np.stack([
-                softmax_rows(_mlp_logits(_train_mlps(x_train, codes[s], len(classes), cfg, device=device), x_test))
-                for s in range(n_sets)
-            ], axis=1)
+        probabilities = np.stack([
+            softmax_rows(_mlp_logits(_train_mlps(x_train, codes[s], len(classes), cfg, device=device), x_test))
+            for s in range(n_sets)
+        ], axis=1)
         for name, proba in zip(names, probabilities):  # proba [S, n_test, len(classes)]
             results[name] = np.stack([_full_columns(p, classes, k) for p in proba])
     return {name: results[name] for name in features}
