@@ -93,6 +93,9 @@ def plan(settings: Settings) -> Plan:
             f"--mllm-answer-orders {settings.answer_orders}: the prompt lists {len(dataset.class_names)} options, "
             f"which have only {len(dataset.class_names)} cyclic rotations; use at most {len(dataset.class_names)}"
         )
+    from .distributed import check_world, current
+
+    check_world(len(dataset), settings.batch_size, current())  # more ranks than images
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = tuple(_model_plan(settings, spec, adapter, threshold_set) for spec, adapter in zip(specs, adapters))
@@ -229,6 +232,8 @@ class ModelRun:
         #: the random-initialisation twin's stage scores and cost (``--mllm-controls random-init``)
         self.twin: dict[str, Any] | None = None
         self.keep: Callable[[LoadedModel], None] | None = None
+        #: a rank other than 0 under torch.distributed: extracts its shard for rank 0, nothing else
+        self.serving = False
 
     # -- load, extract, answer ------------------------------------------------------------
     def features(self) -> Features:
@@ -248,17 +253,59 @@ class ModelRun:
         return features
 
     def compute(self) -> Features:
-        """Load the model, extract every locus, generate answers if asked; the model is freed after."""
-        loaded = self.load()
-        prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
-        self.check_flow(loaded, prompt)
-        features = self.extract(loaded, prompt)
-        features.variant_scores = self.answer_variants(loaded)
+        """Load the model, extract every locus, generate answers if asked; the model is freed after.
+
+        Under torch.distributed (:mod:`.distributed`) every rank extracts its shard of the
+        images and the features are gathered; rank 0 alone generates answers and hands the
+        model on."""
+        from .distributed import EXTRACT
+
+        features, loaded, prompt = self.on_ranks(EXTRACT, self._compute)
+        if self.serving:
+            return features
         if self.settings.answer == "generate":
             self.generated = self.answer(loaded, prompt)
         if self.keep is not None:
             self.keep(loaded)
         return features
+
+    def _compute(self, rows: range) -> tuple[Features, LoadedModel, str]:
+        loaded = self.load()
+        prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
+        self.check_flow(loaded, prompt)
+        features = self.extract(loaded, prompt, rows)
+        features.variant_scores = self.answer_variants(loaded, rows)
+        return features, loaded, prompt
+
+    def on_ranks(self, command: int, local: Callable[[range], Any]) -> Any:
+        """``local(rows)`` on every image, or, under torch.distributed, on this rank's shard: rank
+        0 tells the serving ranks to do the same (``command``), every rank votes on its part,
+        and the features (the first item of ``local``'s result, or the result) are gathered in
+        image order."""
+        from .distributed import current, shards
+
+        group = current()
+        n = len(self.dataset)
+        if group is None:
+            return local(range(n))
+        if group.leader:
+            group.send(command, next(i for i, m in enumerate(self.plan.models) if m is self.model_plan))
+        parts = shards(n, self.settings.batch_size, group.world)
+        failure, out = None, None
+        try:
+            out = local(parts[group.rank])
+        except Exception as exc:  # every rank learns of it from the vote
+            failure = exc
+        what = f"the extraction of {self.model_plan.spec.label!r}"
+        start = time.perf_counter()
+        group.vote(failure, what)  # also waits for the slowest rank
+        voted = time.perf_counter()
+        features = out[0] if isinstance(out, tuple) else out
+        gathered = gather_features(group, features, [len(p) for p in parts], what)
+        # extract_s is this rank's own share; rank_wait_s the wait for the slowest rank
+        self.timings.update(ranks=float(group.world), rank_wait_s=voted - start,
+                            gather_s=time.perf_counter() - voted)
+        return (gathered, *out[1:]) if isinstance(out, tuple) else gathered
 
     def load(self) -> LoadedModel:
         start = time.perf_counter()
@@ -317,7 +364,12 @@ class ModelRun:
 
     def compute_random_init(self) -> Features:
         """Load the model, replace it by its class built from its config (fresh, seeded weights),
-        and extract every locus."""
+        and extract every locus (each rank its shard, under torch.distributed)."""
+        from .distributed import RANDOM_INIT
+
+        return self.on_ranks(RANDOM_INIT, self._compute_random_init)
+
+    def _compute_random_init(self, rows: range) -> Features:
         import torch
 
         loaded = self.load()  # the processor, the placement and the class; the weights are dropped
@@ -331,7 +383,7 @@ class ModelRun:
             twin = kind(config)
         loaded = replace(loaded, model=twin.to(dtype=loaded.dtype).eval())
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
-        return self.extract(loaded, prompt)
+        return self.extract(loaded, prompt, rows)
 
     def check_flow(self, loaded: LoadedModel, prompt: str) -> None:
         """The stage map proven on one image: vision feeds the connector, the connector the LLM."""
@@ -344,18 +396,20 @@ class ModelRun:
         check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)})
         self.timings["flow_check_s"] = time.perf_counter() - start
 
-    def extract(self, loaded: LoadedModel, prompt: str) -> Features:
-        """Every locus in one forward pass per batch; out of memory halves the batch size."""
+    def extract(self, loaded: LoadedModel, prompt: str, rows: range | None = None) -> Features:
+        """Every locus of the images ``rows`` (default: all) in one forward pass per batch; out of
+        memory halves the batch size."""
         from .answer import class_continuations
         from .extract import extract
 
         tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
         label, halved = self.model_plan.spec.label, []
+        rows = range(len(self.dataset)) if rows is None else rows
         start = time.perf_counter()
         features = extract(
             loaded.model, loaded.processor, self.stage_map,
-            images=lambda index: [self.dataset.image(i) for i in index],
-            prompts=[prompt] * len(self.dataset),
+            images=lambda index: [self.dataset.image(rows[i]) for i in index],
+            prompts=[prompt] * len(rows),
             continuations=class_continuations(tokenizer, prompt, self.spoken),
             batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
             progress=(lambda done, total: self.progress(label, done, total)) if self.progress else None,
@@ -381,23 +435,24 @@ class ModelRun:
         out += [(f"prompt.{j}", wording, spoken) for j, wording in enumerate(self.dataset.prompts, 1)]
         return out
 
-    def answer_variants(self, loaded: LoadedModel) -> dict[str, np.ndarray]:
-        """The answer scores of every image under each variant prompt: one forward per batch and
-        variant (answer scores only; no locus is read), columns in class order whatever the
-        order the prompt lists them in."""
+    def answer_variants(self, loaded: LoadedModel, rows: range | None = None) -> dict[str, np.ndarray]:
+        """The answer scores of the images ``rows`` (default: all) under each variant prompt: one
+        forward per batch and variant (answer scores only; no locus is read), columns in class
+        order whatever the order the prompt lists them in."""
         from .answer import class_continuations, score_answers
 
         variants = self.variants()
         if not variants:
             return {}
         tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        rows = range(len(self.dataset)) if rows is None else rows
         start = time.perf_counter()
         out = {}
         for name, template, order in variants:
             prompt = build_prompt(loaded.processor, order, template)
             out[name] = score_answers(
                 loaded.model, loaded.processor, loaded.adapter, self.stage_map.family,
-                lambda index: [self.dataset.image(i) for i in index], [prompt] * len(self.dataset),
+                lambda index: [self.dataset.image(rows[i]) for i in index], [prompt] * len(rows),
                 class_continuations(tokenizer, prompt, self.spoken),
                 batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
             )
@@ -571,6 +626,55 @@ class ModelRun:
         )
 
 
+def gather_features(group: Any, features: Features, sizes: list[int], what: str) -> Features:
+    """Every rank's features of its shard, gathered in image order (the logit lens's head is
+    read from the weights, the same on every rank: this rank's is kept)."""
+    loci = {name: group.gather_rows(features.loci[name], sizes, name) for name in sorted(features.loci)}
+    first = None
+    if features.first_logits is not None:
+        first = group.gather_rows(features.first_logits, sizes, "the first-token logits")
+    variants = {name: group.gather_rows(scores, sizes, f"the {name} answer scores")
+                for name, scores in sorted(features.variant_scores.items())}
+    return replace(
+        features, loci=loci, answer_scores=group.gather_rows(features.answer_scores, sizes, "the answer scores"),
+        first_logits=first, variant_scores=variants,
+        batch_size=group.smallest(features.batch_size or 0, f"the batch size of {what}") or None,
+    )
+
+
+def serve(the_plan: Plan, group: Any) -> None:
+    """A rank other than 0: extract its shard of whatever model rank 0 asks for, until it says stop.
+
+    A failure of this rank's part is told to rank 0 by the vote (rank 0 reports it); a broken
+    collective (:class:`~.distributed.RankLost`) ends the loop with that error."""
+    from .distributed import EXTRACT, STOP, RankFailed
+
+    while True:
+        command, index = group.receive()
+        if command == STOP:
+            return
+        run = ModelRun(the_plan, the_plan.models[index])
+        run.serving = True
+        try:
+            run.compute() if command == EXTRACT else run.compute_random_init()
+        except RankFailed:
+            continue
+        finally:
+            from .extract import free_accelerator_memory
+
+            free_accelerator_memory()
+
+
+def stop_serving(group: Any) -> None:
+    """Rank 0: the serving ranks may stop (a rank already lost is not waited for)."""
+    from .distributed import STOP, RankLost
+
+    if group is None or not group.leader:
+        return
+    with contextlib.suppress(RankLost):
+        group.send(STOP)
+
+
 def control(y_test: np.ndarray, locus: LocusResult, controls: np.ndarray, k: int) -> dict[str, Any]:
     """A locus's control task from its probes on permuted labels (``controls [P, n_test, K]``)."""
     from .uncertainty import ScoreSet, control_summary
@@ -730,8 +834,13 @@ class Evaluator:
         return replace(result, verdicts=verdicts, comparison=comparison, changes=changes)
 
 
-def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **options: Any) -> Results:
+def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **options: Any) -> Results | None:
     """Probe every locus of every model; the same numbers the pytest items assert.
+
+    Under torch.distributed (an initialised process group, or started by torchrun: the group is
+    then joined here) every rank must call ``run`` with the same arguments: each extracts its
+    share of the images, rank 0 fits the probes and gets the :class:`Results`; the other ranks
+    get ``None``.
 
     >>> results = run("demo")                      # doctest: +SKIP
     >>> results["demo"].profile                    # doctest: +SKIP
@@ -744,10 +853,20 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
     for key in ("thresholds", "controls"):
         if isinstance(options.get(key), str):
             options[key] = (options[key],)
+    from .distributed import rank_device, start
+
     settings = Settings(models=tuple(models), data=data, **options)
+    group = start(settings.device, settings.dist_backend)
+    settings = replace(settings, device=rank_device(settings.device, group))
     the_plan = plan(settings)
     evaluator = Evaluator(the_plan)
-    results = {m.spec.label: evaluator.result(m.spec.label) for m in the_plan.models}
+    if group is not None and not group.leader:
+        serve(the_plan, group)
+        return None
+    try:
+        results = {m.spec.label: evaluator.result(m.spec.label) for m in the_plan.models}
+    finally:
+        stop_serving(group)
     return Results(models=results, settings=settings.to_dict(), data=data_summary(the_plan))
 
 

@@ -19,6 +19,8 @@ from .options import MARKER, XUNIT_WITH_TESTCASE_PROPERTIES, junit_family
 USAGE_ERROR_KEY = "mllmprobe_usage_error"
 #: the usage errors this process stopped the session with (printed as ``ERROR:`` lines at the end)
 USAGE_ERRORS = pytest.StashKey[list]()
+#: under torchrun: why the process group broke (no baseline or report is written then)
+RANK_LOST = pytest.StashKey[str]()
 TIMEOUT_HINT = (
     "it runs once, in the model's first test, for all its tests, and is not restarted: give it "
     "time with a longer --timeout, or set timeout_func_only = true (the limit then applies to "
@@ -92,6 +94,11 @@ class ModelNode(pytest.Collector):
             raise self._failure from None
         except Exception as exc:
             self._failure = exc
+            from .distributed import RankLost
+
+            if isinstance(exc, RankLost):  # the process group is broken: no later model can run
+                self.config.stash[RANK_LOST] = str(exc)
+                pytest.exit(f"mllmprobe: {self.name}: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
             raise
 
     def result(self) -> Any:

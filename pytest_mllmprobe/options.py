@@ -61,6 +61,7 @@ OPTIONS = (
     Option("--mllm-skip-bad-images", "mllm_skip_bad_images", False, "skip unreadable images and list them in the summary instead of stopping (default: off)", "bool"),
     Option("--mllm-cache-dir", "mllm_cache_dir", None, "feature cache folder, shared by xdist workers (a re-run that changes only thresholds or probe settings loads no model) (default: .pytest_cache/d/mllmprobe when pytest's cache is on, else off)"),
     Option("--mllm-no-cache", "mllm_no_cache", False, "do not read or write the feature cache (default: off)", "bool"),
+    Option("--mllm-dist-backend", "mllm_dist_backend", "auto", "torch.distributed backend when torchrun starts several ranks (each extracts its share of the images; rank 0 fits the probes and reports): auto = nccl on GPUs, gloo on the CPU (default: auto)", choices=("auto", "gloo", "nccl")),
     Option("--mllm-report", "mllm_report", None, "write results.json, plots and index.html into this folder (default: none)"),
 )
 

@@ -21,6 +21,7 @@ DEFAULT_BOOTSTRAP = 1000
 DEFAULT_PERMUTATIONS = 9
 #: Opt-in controls (``--mllm-controls``).
 CONTROLS = ("random-init",)
+DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Settings:
     controls: tuple[str, ...] = ()
     #: cyclic rotations of the option order the answer is also scored under (1: the prompt's own only)
     answer_orders: int = 1
+    #: torch.distributed backend of the ranks torchrun starts: auto (NCCL on GPUs, gloo on the CPU), gloo or nccl
+    dist_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -95,6 +98,8 @@ class Settings:
                 f"--mllm-answer-orders {self.answer_orders} must be at least 1 (1: the prompt's own option "
                 "order only; K: K cyclic rotations of it, one more forward per rotation)"
             )
+        if self.dist_backend not in DIST_BACKENDS:
+            raise ConfigError(f"--mllm-dist-backend {self.dist_backend!r} is not one of {', '.join(DIST_BACKENDS)}")
         unknown = sorted(set(self.controls) - set(CONTROLS))
         if unknown:
             raise ConfigError(f"--mllm-controls {','.join(unknown)!r} is not one of {', '.join(CONTROLS)}")

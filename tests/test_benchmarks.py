@@ -83,3 +83,21 @@ def test_seed_spread_benchmark_runs(tmp_path: Path) -> None:
     assert summary["seeds"] == 2 and set(summary["spread_ratio"]) == {"FHS_V", "FHS_C", "FHS_L", "P_final"}
     assert summary["probe_s_folds"] > 0 and summary["probe_s_one_split"] > 0
     assert "one split (0.3)" in done.stdout and "5 folds (default)" in done.stdout
+
+
+def test_distributed_benchmark_runs_in_ci_size(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_distributed.py"), "--size", "ci", "--workdir", str(tmp_path),
+         "--json", str(tmp_path / "runs.json")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = _json_line(done.stdout)
+    assert summary["ranks"] == 2 and summary["threads"] == 1 and summary["images"] == 24
+    trials = json.loads((tmp_path / "runs.json").read_text())["trials"]
+    one, two = trials["1"][0], trials["2"][0]
+    assert "ranks" not in one["timings"] and two["timings"]["ranks"] == 2
+    assert two["extraction_s"] == two["timings"]["extract_s"] + two["timings"]["rank_wait_s"] + two["timings"]["gather_s"]
+    assert summary["extraction_speedup"] == round(one["extraction_s"] / two["extraction_s"], 4)
+    for line in ("1 process(es) x 1 thread(s)", "2 process(es) x 1 thread(s)"):
+        assert line in done.stdout

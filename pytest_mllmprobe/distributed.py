@@ -1,0 +1,255 @@
+"""Data-parallel extraction on torch.distributed: the ranks split the images, gather the features.
+
+Launched by ``torchrun`` (one process per GPU, or per CPU share; across machines with torchrun's
+rendezvous), every rank loads the model and pools the loci of its own contiguous shard of the
+images; the pooled rows are gathered with collectives (gloo on the CPU, NCCL on GPUs) in image
+order, so the features equal a one-process run's. Rank 0 leads: it decides what is extracted
+(the feature cache is read and written by rank 0 only), fits the probes once and reports. The
+other ranks *serve*: they wait for rank 0's next command (extract model ``i``, or its
+random-init twin), take their part, and stop when rank 0 says so.
+
+Every extraction ends with a vote before any features travel: each rank says whether its part
+worked, and a failure on any rank (bad input on its shard, out of memory at batch size 1, ...)
+is raised on rank 0 with that rank's message, as the same kind of error (bad input stays a
+usage error). A rank that dies outright breaks the collectives: the others stop with
+:class:`RankLost` naming the step, and nothing is written (caches and reports are written by rank
+0 after a complete gather, atomically).
+
+No launcher of our own: torchrun starts the ranks; pytest-xdist stays the way to spread
+*several* models over workers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .settings import DIST_BACKENDS
+
+#: rank 0's commands to the serving ranks
+STOP, EXTRACT, RANDOM_INIT = 0, 1, 2
+#: bytes of a rank's failure message carried by the vote (longer ones are cut)
+MESSAGE_BYTES = 4000
+#: how long a rank waits in a collective for the others (torch's own default for gloo)
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class RankFailed(RuntimeError):
+    """Another rank's part of an extraction failed; rank 0 raises the failure itself."""
+
+
+class RankLost(RuntimeError):
+    """A collective broke: another rank died or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the initialised default process group."""
+
+    rank: int
+    world: int
+    local_rank: int
+    backend: str
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    # -- commands from rank 0 -------------------------------------------------------------
+    def send(self, command: int, model: int = -1) -> None:
+        """Rank 0: tell the serving ranks what to do next."""
+        self._broadcast_ints([command, model], "sending the next command")
+
+    def receive(self) -> tuple[int, int]:
+        """A serving rank: rank 0's next command, ``(command, model index)``."""
+        values = self._broadcast_ints([0, 0], "waiting for rank 0's next command")
+        return int(values[0]), int(values[1])
+
+    def _broadcast_ints(self, values: list[int], what: str) -> list[int]:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
+        _collective(what, lambda: dist.broadcast(tensor, src=0))
+        return tensor.cpu().tolist()
+
+    # -- the vote and the gather ----------------------------------------------------------
+    def vote(self, failure: BaseException | None, what: str) -> None:
+        """Every rank says whether its part of ``what`` worked; if one failed, every rank raises:
+        rank 0 the failure itself (its own first, else the lowest failed rank's, with that rank
+        named; bad input stays a :class:`ConfigError`), the others :class:`RankFailed`."""
+        import torch
+        import torch.distributed as dist
+
+        mine = np.zeros(MESSAGE_BYTES + 2, dtype=np.uint8)
+        if failure is not None:
+            text = f"{type(failure).__name__}: {failure}".encode()[:MESSAGE_BYTES]
+            mine[0] = 1
+            mine[1] = 1 if isinstance(failure, ConfigError) else 0
+            mine[2:2 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+        local = torch.from_numpy(mine).to(self.device)
+        every = [torch.empty_like(local) for _ in range(self.world)]
+        _collective(f"the vote after {what}", lambda: dist.all_gather(every, local))
+        votes = [v.cpu().numpy() for v in every]
+        failed = [r for r, v in enumerate(votes) if v[0]]
+        if not failed:
+            return
+        if not self.leader:
+            raise RankFailed(f"rank {failed[0]} failed {what}")
+        if failure is not None:
+            raise failure
+        rank = failed[0]
+        text = bytes(votes[rank][2:]).rstrip(b"\0").decode(errors="replace")
+        kind = ConfigError if votes[rank][1] else RankFailed
+        raise kind(f"rank {rank} of {self.world} failed {what}: {text}")
+
+    def gather_rows(self, rows: np.ndarray, sizes: list[int], what: str) -> np.ndarray:
+        """Every rank's ``[sizes[rank], ...]`` rows, concatenated in rank order (image order)."""
+        import torch
+        import torch.distributed as dist
+
+        longest = max(sizes)
+        padded = np.zeros((longest, *rows.shape[1:]), dtype=rows.dtype)
+        padded[: rows.shape[0]] = rows
+        local = torch.from_numpy(padded).to(self.device)
+        every = [torch.empty_like(local) for _ in range(self.world)]
+        _collective(f"gathering {what}", lambda: dist.all_gather(every, local))
+        return np.concatenate([e.cpu().numpy()[:size] for e, size in zip(every, sizes)])
+
+    def smallest(self, value: int, what: str) -> int:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        _collective(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MIN))
+        return int(tensor.item())
+
+    @property
+    def device(self) -> Any:
+        """Where collective tensors live: the CPU for gloo, this rank's GPU for NCCL."""
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+
+def _collective(what: str, call: Any) -> None:
+    try:
+        call()
+    except (RuntimeError, ConnectionError) as exc:  # gloo/NCCL report a lost peer as RuntimeError subclasses
+        raise RankLost(
+            f"torch.distributed: {what} failed: another rank died or stopped answering ({exc}); "
+            "see the other ranks' output for the cause"
+        ) from exc
+
+
+def launched() -> bool:
+    """This process was started by torchrun (or another launcher) as one of several ranks."""
+    return _int_env("WORLD_SIZE", 1) > 1
+
+
+def current() -> Group | None:
+    """The initialised default process group when it has several ranks; ``None`` otherwise."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return Group(dist.get_rank(), dist.get_world_size(), _int_env("LOCAL_RANK", 0), dist.get_backend())
+
+
+def start(device: str, backend: str = "auto") -> Group | None:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...)
+    unless it is already initialised; ``None`` for a single process.
+
+    ``backend`` ``auto`` is NCCL when this rank uses a GPU, gloo otherwise; NCCL asked for a CPU
+    run, or on a machine without CUDA, is a :class:`ConfigError`."""
+    group = current()
+    if group is not None or not launched():
+        return group
+    import torch
+    import torch.distributed as dist
+
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if backend == "nccl" and not on_gpu:
+        raise ConfigError(
+            f"--mllm-dist-backend nccl needs a GPU per rank, but this rank runs on the CPU "
+            f"({'--mllm-device cpu' if device == 'cpu' else 'torch sees no GPU'}): use "
+            "--mllm-dist-backend gloo (or auto) for CPU ranks"
+        )
+    chosen = backend if backend != "auto" else ("nccl" if on_gpu else "gloo")
+    local_rank = _int_env("LOCAL_RANK", 0)
+    if chosen == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"rank with LOCAL_RANK {local_rank} has no GPU of its own (torch sees "
+                f"{torch.cuda.device_count()}): start at most that many processes per node "
+                "(torchrun --nproc-per-node)"
+            )
+        torch.cuda.set_device(local_rank)
+    try:
+        dist.init_process_group(backend=chosen, timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"torch.distributed could not start the {chosen} process group ({exc}); launch with "
+            "torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+        ) from exc
+    return current()
+
+
+def rank_device(device: str, group: Group | None) -> str:
+    """The device of this rank: ``auto``/``cuda`` become this rank's own GPU (``cuda:LOCAL_RANK``)."""
+    if group is None or group.backend != "nccl" or device not in ("auto", "cuda"):
+        return device
+    return f"cuda:{group.local_rank}"
+
+
+def finish() -> None:
+    """Leave the process group this module started (a no-op when there is none)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shards(n: int, batch_size: int, world: int) -> list[range]:
+    """Contiguous image ranges, one per rank, in whole batches where there are enough batches
+    (each batch then holds the same images as in a one-process run, so the features are the
+    same to the bit); the larger shards come first."""
+    if world > n:
+        raise ConfigError(
+            f"torchrun started {world} ranks for {n} images: every rank needs at least one image; "
+            f"start at most {n} (torchrun --nproc-per-node / --nnodes)"
+        )
+    unit = batch_size
+    while unit > 1 and -(-n // unit) < world:
+        unit //= 2
+    units = -(-n // unit)
+    base, extra = divmod(units, world)
+    out, start = [], 0
+    for rank in range(world):
+        stop = min(n, start + (base + (rank < extra)) * unit)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def check_world(n: int, batch_size: int, group: Group | None) -> None:
+    """Refuse more ranks than images before any model is loaded."""
+    if group is not None:
+        shards(n, batch_size, group.world)
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None

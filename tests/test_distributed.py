@@ -1,0 +1,182 @@
+"""Data-parallel extraction under torchrun: real gloo process groups of CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from pytest_mllmprobe.distributed import shards
+from pytest_mllmprobe.errors import ConfigError
+
+from .conftest import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "tests.rank_faults")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith(("PYTEST_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def _torchrun(where: Path, ranks: int, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "pytest", *RUN, *args]
+    return subprocess.run(command, cwd=where, capture_output=True, text=True, env=_env(**env), timeout=600)
+
+
+def _results(folder: Path) -> dict:
+    doc = json.loads((folder / "results.json").read_text())
+    for model in doc["models"].values():
+        model.pop("timings")
+    return doc
+
+
+@pytest.mark.parametrize("n, batch_size, world", [
+    (150, 8, 2), (150, 8, 3), (7, 8, 2), (9, 4, 4), (10, 8, 10), (16, 8, 2), (1, 1, 1), (33, 16, 5),
+])
+def test_shards_cover_the_images_in_order_in_whole_batches_where_possible(n: int, batch_size: int, world: int) -> None:
+    parts = shards(n, batch_size, world)
+    assert len(parts) == world and all(len(p) > 0 for p in parts)
+    assert [i for p in parts for i in p] == list(range(n))
+    if -(-n // batch_size) >= world:  # enough batches: every shard starts on a batch boundary
+        assert all(p.start % batch_size == 0 for p in parts)
+    sizes = [len(p) for p in parts[:-1]]
+    assert max(sizes, default=0) - min(sizes, default=0) <= batch_size
+
+
+def test_more_ranks_than_images_is_refused() -> None:
+    with pytest.raises(ConfigError, match="torchrun started 5 ranks for 4 images"):
+        shards(4, 8, 5)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """The demo in one process and under ``torchrun --nproc-per-node 2``, one thread each."""
+    where = tmp_path_factory.mktemp("ranks")
+    (where / "record").mkdir()
+    one = subprocess.run(
+        [sys.executable, "-m", "pytest", *RUN, "--mllm-model=demo", "--mllm-report=one", "--junitxml=one.xml"],
+        cwd=where, capture_output=True, text=True, env=_env(), timeout=600,
+    )
+    two = _torchrun(where, 2, "--mllm-model=demo", "--mllm-report=two", "--junitxml=two.xml",
+                    RANK_RECORD=str(where / "record"))
+    return where, one, two
+
+
+def test_two_ranks_split_the_images_and_give_the_one_process_results(two_ranks) -> None:
+    where, one, two = two_ranks
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, two.stdout[-4000:] + two.stderr[-4000:]
+    # each rank extracted its own half, in whole batches of 8: 10 batches and 9
+    spans = {r: json.loads((where / "record" / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert spans == {0: [0, 80], 1: [80, 150]}
+    assert _results(where / "two") == _results(where / "one")
+    timings = json.loads((where / "two" / "results.json").read_text())["models"]["demo"]["timings"]
+    assert timings["ranks"] == 2 and "gather_s" in timings
+
+
+def test_only_rank_0_reports(two_ranks) -> None:
+    where, _, two = two_ranks
+    assert two.stdout.count("mllmprobe: feature health") == 1  # rank 1 prints nothing
+    assert two.stdout.count("18 passed") == 1
+
+    def cases(name: str) -> list[tuple[str, bool]]:
+        root = ET.parse(where / name).getroot()
+        return sorted((c.get("name"), c.find("failure") is None) for c in root.iter("testcase"))
+
+    assert cases("two.xml") == cases("one.xml") and len(cases("two.xml")) == 18
+
+
+def test_python_api_under_torchrun_returns_the_results_on_rank_0(tmp_path: Path) -> None:
+    script = tmp_path / "api.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from pytest_mllmprobe import run\n"
+        "results = run('demo', bootstrap=0, permutations=0)\n"
+        "out = {'none': True} if results is None else results.to_dict()\n"
+        "for model in out.get('models', {}).values(): model.pop('timings')\n"
+        "open(sys.argv[1] + os.environ['RANK'] + '.json', 'w').write(json.dumps(out, sort_keys=True))\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(script), str(tmp_path / "rank")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    from pytest_mllmprobe import run
+
+    alone = run("demo", bootstrap=0, permutations=0).to_dict()
+    for model in alone["models"].values():
+        model.pop("timings")
+    assert json.loads((tmp_path / "rank1.json").read_text()) == {"none": True}
+    assert json.loads((tmp_path / "rank0.json").read_text()) == json.loads(json.dumps(alone, sort_keys=True))
+
+
+def test_bad_input_on_one_rank_is_a_usage_error_and_nothing_is_written(tmp_path: Path) -> None:
+    done = _torchrun(tmp_path, 2, "--mllm-model=demo", "--mllm-report=report", "--mllm-cache-dir=cache",
+                     RANK_FAULT="raise")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "rank 1 of 2 failed the extraction of 'demo': ConfigError: planted: image 80 of rank 1's shard" in out
+    assert "mllmprobe usage error" in out  # rank 0 ended with exit code 4, not failing tests
+    assert not (tmp_path / "report").exists()
+    assert not list((tmp_path / "cache").glob("*.npz"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_dying_rank_stops_rank_0_with_a_clear_error_and_nothing_written(tmp_path: Path) -> None:
+    """Launched without torchrun (as SLURM's srun would: the environment names the group):
+    rank 1 dies mid-extraction; rank 0 stops on the broken collective."""
+    common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", RANK_FAULT="exit")
+    command = [sys.executable, "-m", "pytest", *RUN, "--mllm-model=demo", "--mllm-report=report",
+               "--mllm-cache-dir=cache"]
+    ranks = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_env(**common, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    out0, _ = ranks[0].communicate(timeout=600)
+    ranks[1].communicate(timeout=60)
+    assert ranks[1].returncode == 9
+    assert ranks[0].returncode == 1, out0
+    assert "torch.distributed: the vote after the extraction of 'demo' failed: another rank died" in out0
+    assert "Traceback" not in out0
+    assert not (tmp_path / "report").exists()
+    assert not list((tmp_path / "cache").glob("*.npz"))
+
+
+def test_more_ranks_than_images_under_torchrun(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pytest_mllmprobe.demo import DEMO_DATA
+
+    for name in ("normal", "benign"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for path in sorted((DEMO_DATA / name).glob("*.png"))[:2]:
+            Image.open(path).save(tmp_path / "data" / name / path.name)
+    done = _torchrun(tmp_path, 5, "--mllm-model=demo", "--mllm-data=data")
+    assert done.returncode != 0
+    assert "torchrun started 5 ranks for 4 images: every rank needs at least one image; start at most 4" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mllm-dist-backend=nccl", "--mllm-device=cpu"], "--mllm-dist-backend nccl needs a GPU per rank"),
+    (["-p", "xdist", "-n", "1"], "torchrun and pytest-xdist (-n) both start processes"),
+])
+def test_bad_distributed_settings_are_usage_errors(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                   args: list[str], message: str) -> None:
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+    result = pytester.runpytest("--mllm-model=demo", "-p", "no:cacheprovider", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
