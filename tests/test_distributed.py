@@ -36,8 +36,10 @@ def _torchrun(where: Path, ranks: int, *args: str, **env: str) -> subprocess.Com
 
 def _results(folder: Path) -> dict:
     doc = json.loads((folder / "results.json").read_text())
-    for model in doc["models"].values():
+    for model in doc["models"].values():  # seconds differ from run to run
         model.pop("timings")
+        model["random_init"].pop("cost_s")
+        model["answers"]["invariance"].pop("cost_s")
     return doc
 
 
@@ -64,12 +66,13 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     """The demo in one process and under ``torchrun --nproc-per-node 2``, one thread each."""
     where = tmp_path_factory.mktemp("ranks")
     (where / "record").mkdir()
+    # the answer under a second option order and the random-init twin are gathered too
+    extra = ("--mllm-model=demo", "--mllm-answer-orders=2", "--mllm-controls=random-init")
     one = subprocess.run(
-        [sys.executable, "-m", "pytest", *RUN, "--mllm-model=demo", "--mllm-report=one", "--junitxml=one.xml"],
+        [sys.executable, "-m", "pytest", *RUN, *extra, "--mllm-report=one", "--junitxml=one.xml"],
         cwd=where, capture_output=True, text=True, env=_env(), timeout=600,
     )
-    two = _torchrun(where, 2, "--mllm-model=demo", "--mllm-report=two", "--junitxml=two.xml",
-                    RANK_RECORD=str(where / "record"))
+    two = _torchrun(where, 2, *extra, "--mllm-report=two", "--junitxml=two.xml", RANK_RECORD=str(where / "record"))
     return where, one, two
 
 
@@ -81,6 +84,8 @@ def test_two_ranks_split_the_images_and_give_the_one_process_results(two_ranks) 
     spans = {r: json.loads((where / "record" / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert spans == {0: [0, 80], 1: [80, 150]}
     assert _results(where / "two") == _results(where / "one")
+    model = _results(where / "two")["models"]["demo"]
+    assert model["loci"]["connector"]["random_init"] and "order.1" in json.dumps(model["answers"])
     timings = json.loads((where / "two" / "results.json").read_text())["models"]["demo"]["timings"]
     assert timings["ranks"] == 2 and "gather_s" in timings
 
