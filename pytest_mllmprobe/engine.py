@@ -95,7 +95,13 @@ def plan(settings: Settings) -> Plan:
         )
     from .distributed import check_world, current
 
-    check_world(len(dataset), settings.batch_size, current())  # more ranks than images
+    group = current()
+    check_world(len(dataset), settings.batch_size, group)  # more ranks than images
+    if group is not None and settings.device_map is not None:
+        raise ConfigError(
+            f"--mllm-device-map {settings.device_map} spreads one model over every GPU, but under torchrun each "
+            f"of the {group.world} ranks extracts on its own GPU: drop --mllm-device-map, or run one process"
+        )
     train, test, folds = _split(settings, dataset)
     threshold_set = load_thresholds(list(settings.thresholds), metric=settings.metric)
     models = tuple(_model_plan(settings, spec, adapter, threshold_set) for spec, adapter in zip(specs, adapters))
