@@ -26,6 +26,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .extract import Features
+    from .selection import Need, Selection
 
 Progress = Callable[[str, int, int], None]
 
@@ -188,12 +189,13 @@ def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
 
 
 def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None,
-             keep: Callable[[LoadedModel], None] | None = None) -> ModelResult:
+             keep: Callable[[LoadedModel], None] | None = None, selection: Selection | None = None) -> ModelResult:
     """One model through the pipeline: load, extract, answer, probe, score, judge.
 
     ``keep`` receives the loaded model once its features are extracted (a PEFT adapter of the same
-    run takes its base from there instead of loading it again)."""
-    run = ModelRun(the_plan, model_plan, progress)
+    run takes its base from there instead of loading it again). ``selection`` (default: every
+    test) names the tests to judge: only the loci they read are extracted and scored."""
+    run = ModelRun(the_plan, model_plan, progress, selection)
     run.keep = keep
     features = run.features()  # load + extract + answer, or the feature cache
     probed = run.probe(features)
@@ -210,8 +212,15 @@ class ModelRun:
     model's; generated answers (``--mllm-answer generate``) are kept beside the features.
     """
 
-    def __init__(self, the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None) -> None:
+    def __init__(self, the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None,
+                 selection: Selection | None = None) -> None:
+        from .selection import everything
+
         self.plan = the_plan
+        #: the tests to judge and the loci they read (:mod:`pytest_mllmprobe.selection`)
+        self.selection = selection if selection is not None else everything(model_plan.stage_map)
+        #: how this run differs from a full one (partial selection, early stop, skipped checks)
+        self.notes: list[str] = []
         self.model_plan = model_plan
         self.settings = the_plan.settings
         self.dataset = the_plan.dataset
@@ -235,25 +244,37 @@ class ModelRun:
         """The pooled features and answer scores: from the cache when it holds them."""
         # Generated answers are not cached: a generate run always loads the model.
         cache_dir = self.settings.cache_dir if self.settings.answer != "generate" else None
+        need = self.selection.need
         if cache_dir is None:
-            return self.compute()
+            return self.compute(need)
         from .cache import cached_features, extraction_key
+        from .selection import everything
 
         key, meta = extraction_key(self.plan, self.model_plan)  # reads no weights
         start = time.perf_counter()
-        features, hit = cached_features(cache_dir, key, self.compute, meta)
+        features, hit = cached_features(cache_dir, key, self.compute, meta, need=need,
+                                        whole=everything(self.model_plan.stage_map).need)
         self.timings["cache"] = 1.0 if hit else 0.0
+        self.timings["cached_loci"] = float(len(features.loci) - self.timings.get("pooled_loci", 0.0))
         if hit:
-            self.timings.update(load_s=0.0, extract_s=0.0, cache_read_s=time.perf_counter() - start)
+            self.timings.update(load_s=0.0, extract_s=0.0, pooled_loci=0.0, cache_read_s=time.perf_counter() - start)
         return features
 
-    def compute(self) -> Features:
-        """Load the model, extract every locus, generate answers if asked; the model is freed after."""
+    def compute(self, need: Need | None = None) -> Features:
+        """Load the model, extract the loci of ``need`` (default: the selection's), score the answer
+        and generate answers if asked; the model is freed after."""
+        from .selection import NO_FLOW_NOTE
+
+        need = need if need is not None else self.selection.need
         loaded = self.load()
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
-        self.check_flow(loaded, prompt)
-        features = self.extract(loaded, prompt)
-        features.variant_scores = self.answer_variants(loaded)
+        if need.answer or any(n.startswith("llm.") for n in need.loci):
+            self.check_flow(loaded, prompt)
+        else:  # its forwards run the language model, which this selection never needs
+            self.notes.append(NO_FLOW_NOTE)
+        features = self.extract(loaded, prompt, need)
+        if need.answer:
+            features.variant_scores = self.answer_variants(loaded)
         if self.settings.answer == "generate":
             self.generated = self.answer(loaded, prompt)
         if self.keep is not None:
@@ -344,8 +365,9 @@ class ModelRun:
         check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)})
         self.timings["flow_check_s"] = time.perf_counter() - start
 
-    def extract(self, loaded: LoadedModel, prompt: str) -> Features:
-        """Every locus in one forward pass per batch; out of memory halves the batch size."""
+    def extract(self, loaded: LoadedModel, prompt: str, need: Need | None = None) -> Features:
+        """Every locus of ``need`` (default: all) in one forward pass per batch, stopped after the last
+        needed locus when the answer is not needed; out of memory halves the batch size."""
         from .answer import class_continuations
         from .extract import extract
 
@@ -359,9 +381,11 @@ class ModelRun:
             continuations=class_continuations(tokenizer, prompt, self.spoken),
             batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
             progress=(lambda done, total: self.progress(label, done, total)) if self.progress else None,
-            on_oom=halved.append, adapter=loaded.adapter,
+            on_oom=halved.append, adapter=loaded.adapter, need=need,
         )
         self.timings["extract_s"] = time.perf_counter() - start
+        self.timings["pooled_loci"] = float(len(features.loci))
+        self.notes += features.notes
         from .lens import capture
 
         first_ids = [c[0] for c in class_continuations(tokenizer, prompt, self.spoken)]
@@ -423,6 +447,8 @@ class ModelRun:
         """Out-of-fold probe outputs of every locus, trained where the features were extracted."""
         from .probes import cross_fit_on_device
 
+        if not features.loci:  # only the answer was selected: nothing to probe
+            return {}
         start = time.perf_counter()
         probed = cross_fit_on_device(
             features.loci, self.dataset.labels, self.plan.folds, self.plan.test,
@@ -441,19 +467,24 @@ class ModelRun:
         y_test = self.dataset.labels[test]
         k = len(self.dataset.class_names)
         chance = scoring.chance_levels(y_test, k)
-        answer = scoring.answer_score(
-            y_test, features.answer_scores[test], self.settings.answer, generated=self.generated,
-            spoken=self.spoken, test_ids=[self.dataset.ids[int(i)] for i in test],
-        )
-        self.answers = answer.answers
+        answer = None
+        if features.answer_scores is not None and self.selection.need.answer:
+            answer = scoring.answer_score(
+                y_test, features.answer_scores[test], self.settings.answer, generated=self.generated,
+                spoken=self.spoken, test_ids=[self.dataset.ids[int(i)] for i in test],
+            )
+            self.answers = answer.answers
         position = {int(i): n for n, i in enumerate(test)}
         folds = [np.array([position[int(i)] for i in fold_test]) for _, fold_test in self.plan.folds]
         loci: dict[str, LocusResult] = {}
         sets = {}
         for name in self.stage_map.loci:
             if name == "answer":
-                loci[name] = scoring.locus_result(name, k, answer.chosen, chance, finite=answer.finite)
-                sets[name] = answer.chosen
+                if answer is not None:
+                    loci[name] = scoring.locus_result(name, k, answer.chosen, chance, finite=answer.finite)
+                    sets[name] = answer.chosen
+                continue
+            if name not in probed:  # not selected: not extracted, not scored
                 continue
             out = probed[name]
             probe_score = scoring.score(y_test, out.probabilities)
@@ -464,6 +495,9 @@ class ModelRun:
             )
             if out.controls is not None:
                 loci[name].control = control(y_test, loci[name], out.controls, k)
+        if answer is None:  # the selection reads neither the answer nor the lens
+            self.intervals(loci, sets, y_test)
+            return loci
         lens_note, lens_head = self.lens(features, y_test, chance, folds, loci, sets)
         self.answers = {**(self.answers or {}), "lens": {
             "note": lens_note, "layers": sum(1 for n in loci if n.startswith("lens.")),
@@ -529,14 +563,17 @@ class ModelRun:
         metric = self.model_plan.thresholds.metric
         stage_map = self.stage_map
         fed = fed_locus(loci, stage_map.consumed_vision_layers, metric)
+        partial = not self.selection.full
 
         def derived(per_set: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
             figures = stage_figures(lambda n: per_set[n][metric], per_set, stage_map.consumed_vision_layers,
-                                    stage_map.llm_entry, fed)
+                                    stage_map.llm_entry, fed, stage_map.loci)
             lens_last, last = f"lens.{len(stage_map.llm_layers) - 1}", f"llm.{len(stage_map.llm_layers) - 1}.last"
             if lens_last in per_set:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     figures["lens/llm"] = per_set[lens_last][metric] / per_set[last][metric]
+            if partial:  # figures of loci a selection left out have no interval
+                figures = {k: v for k, v in figures.items() if not np.isnan(v).all()}
             return figures
 
         found = bootstrap_intervals(
@@ -557,17 +594,20 @@ class ModelRun:
         from .verdicts import judge, stage_scores
 
         stage_map, thresholds = self.stage_map, self.model_plan.thresholds
-        stage_values = stage_scores(loci, stage_map.consumed_vision_layers, thresholds.metric, stage_map.llm_entry)
+        stage_values = stage_scores(loci, stage_map.consumed_vision_layers, thresholds.metric, stage_map.llm_entry,
+                                    stage_map.loci)
         intervals = self.stage_intervals
         verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, thresholds, stage_map.llm_entry,
-                         intervals, invariance=(self.answers or {}).get("invariance"))
+                         intervals, invariance=(self.answers or {}).get("invariance"), stages=self.selection.stages)
+        selection = self.selection.to_dict()
+        selection["notes"] = list(dict.fromkeys([*filter(None, [self.selection.note()]), *self.notes]))
         return ModelResult(
             label=self.model_plan.spec.label, source=self.model_plan.spec.source, stage_map=stage_map.to_dict(),
             class_names=tuple(self.dataset.class_names), metric=thresholds.metric,
             n_train=int(len(self.plan.folds[0][0])), n_test=int(len(self.plan.test)),
             loci=loci, scores=stage_values, verdicts=verdicts, thresholds=thresholds.to_dict(),
             timings=self.timings, answers=self.answers, intervals=dict(intervals),
-            uncertainty=dict(self.uncertainty), random_init=self.twin,
+            uncertainty=dict(self.uncertainty), random_init=self.twin, selection=selection,
         )
 
 
@@ -608,6 +648,8 @@ class Evaluator:
         self.progress = progress
         self._results: dict[str, ModelResult | BaseException] = {}
         self._raw: dict[str, ModelResult] = {}
+        #: model label -> the tests asked of it (:meth:`select`); absent: every test
+        self._selections: dict[str, Selection] = {}
         settings = the_plan.settings
         labels = [m.spec.label for m in the_plan.models]
         #: model label -> the label of the model it is compared with (same run, same data and split)
@@ -649,10 +691,35 @@ class Evaluator:
     def model_plan(self, label: str) -> ModelPlan:
         return next(m for m in self.plan.models if m.spec.label == label)
 
+    def select(self, label: str, tests: Any = None, reason: str | None = None) -> Selection:
+        """Ask only ``tests`` (locus and ``stage.<stage>`` names; ``None``: all) of model ``label``,
+        before its evaluation: only the loci they read are extracted, scored and judged.
+
+        An output that stands for the whole model (``reason``, or one of the settings':
+        :func:`.selection.whole_model_reason`) extracts and judges everything, and the result
+        says why. Call it before :meth:`result`; a model whose tests were all left out is simply
+        never asked for (and never loaded)."""
+        from .selection import everything, select, whole_model_reason
+
+        if label in self._raw:
+            raise RuntimeError(f"model {label!r} is already evaluated; select its tests before")
+        stage_map = self.model_plan(label).stage_map
+        reason = reason or whole_model_reason(self.plan.settings)
+        if tests is None:
+            chosen = everything(stage_map)
+        else:
+            tests = list(tests)
+            chosen = select(stage_map, tests, label, reason=reason)
+            if reason is not None and len(set(tests)) < len(everything(stage_map).tests):
+                chosen = everything(stage_map, f"every locus was extracted: {reason}", tests)
+        self._selections[label] = chosen
+        return chosen
+
     def raw(self, label: str) -> ModelResult:
         """The model's own result, before any comparison."""
         if label not in self._raw:
-            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress, keep=self._keeper(label))
+            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress, keep=self._keeper(label),
+                                        selection=self._selections.get(label))
             taker = self.model_plan(label).adapter
             if hasattr(taker, "offer_base"):  # a base it was offered and did not need is let go
                 taker.offer_base(None, None)
@@ -730,11 +797,16 @@ class Evaluator:
         return replace(result, verdicts=verdicts, comparison=comparison, changes=changes)
 
 
-def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **options: Any) -> Results:
+def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, *, tests: Any = None,
+        **options: Any) -> Results:
     """Probe every locus of every model; the same numbers the pytest items assert.
+
+    ``tests`` (locus and ``stage.<stage>`` names, as the pytest items are named) evaluates only
+    those tests: only the loci they read are extracted (``-k`` in pytest does the same).
 
     >>> results = run("demo")                      # doctest: +SKIP
     >>> results["demo"].profile                    # doctest: +SKIP
+    >>> run("demo", tests=["vision.0", "stage.vision"])  # doctest: +SKIP
     """
     if isinstance(models, str):
         models = [models]
@@ -747,6 +819,10 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
     settings = Settings(models=tuple(models), data=data, **options)
     the_plan = plan(settings)
     evaluator = Evaluator(the_plan)
+    if tests is not None:
+        tests = [tests] if isinstance(tests, str) else list(tests)
+        for m in the_plan.models:
+            evaluator.select(m.spec.label, tests)
     results = {m.spec.label: evaluator.result(m.spec.label) for m in the_plan.models}
     return Results(models=results, settings=settings.to_dict(), data=data_summary(the_plan))
 
