@@ -268,9 +268,9 @@ class ModelRun:
         need = need if need is not None else self.selection.need
         loaded = self.load()
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
-        if need.answer or any(n.startswith("llm.") for n in need.loci):
-            self.check_flow(loaded, prompt)
-        else:  # its forwards run the language model, which this selection never needs
+        language_model = need.answer or any(n.startswith("llm.") for n in need.loci)
+        self.check_flow(loaded, prompt, language_model)
+        if not language_model:  # its forwards stop before the language model, which this selection never needs
             self.notes.append(NO_FLOW_NOTE)
         features = self.extract(loaded, prompt, need)
         if need.answer:
@@ -354,15 +354,17 @@ class ModelRun:
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
         return self.extract(loaded, prompt)
 
-    def check_flow(self, loaded: LoadedModel, prompt: str) -> None:
-        """The stage map proven on one image: vision feeds the connector, the connector the LLM."""
+    def check_flow(self, loaded: LoadedModel, prompt: str, language_model: bool = True) -> None:
+        """The stage map proven on one image: vision feeds the connector, the connector the LLM
+        (that last part only with ``language_model``: its forwards stop before the decoder)."""
         from .models.flow import check_data_flow
 
         start = time.perf_counter()
         adapter, family_name = loaded.adapter, self.stage_map.family
         inputs = adapter.encode(loaded.processor, [self.dataset.image(0)], [prompt], loaded.device, loaded.dtype,
                                 family_name=family_name)
-        check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)})
+        check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)},
+                        language_model)
         self.timings["flow_check_s"] = time.perf_counter() - start
 
     def extract(self, loaded: LoadedModel, prompt: str, need: Need | None = None) -> Features:

@@ -30,7 +30,8 @@ PARTIAL_NOTE = "only the selected tests' loci were extracted ({n} of {total}; sk
 #: shown when the forward could not stop early and ran to the end
 NO_STOP_NOTE = ("the forward ran to the end: {why}; only the selected loci were pooled")
 #: shown when the data-flow check was left out
-NO_FLOW_NOTE = "the data-flow check of the stage map was skipped: the selection reads no language-model locus"
+NO_FLOW_NOTE = ("the data-flow check of the stage map stopped before the language model (the selection "
+                "reads none of it): the connector is checked to read the vision encoder, not the LLM to read it")
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,18 @@ def test_each_stage_rule_judged_on_its_reads_alone_equals_the_full_judgement(dem
 
 def test_a_vision_selection_then_a_full_run_then_a_subset(tmp_path: Path, monkeypatch) -> None:
     options = dict(folds=1, permutations=0, bootstrap=0, cache_dir=str(tmp_path))
+    decoder_calls: list[int] = []
+    load = engine.ModelRun.load
+
+    def load_and_watch(self):  # every forward of the run (data-flow check included) is watched
+        loaded = load(self)
+        layer = loaded.model.get_submodule(self.stage_map.llm_layers[0])
+        layer.register_forward_pre_hook(lambda *_: decoder_calls.append(1))
+        return loaded
+
+    monkeypatch.setattr(engine.ModelRun, "load", load_and_watch)
     part = engine.run("demo", tests=["vision.1", "stage.vision"], **options)["demo"]
+    assert decoder_calls == []  # the language model never ran, not even in the data-flow check
     stage_map = engine.plan(Settings(models=("demo",))).models[0].stage_map
     vision = {f"vision.{i}" for i in range(max(stage_map.consumed_vision_layers) + 1)}
     assert set(part.loci) == vision  # the stage rule's curve, nothing past it
@@ -221,6 +232,7 @@ def test_a_vision_selection_then_a_full_run_then_a_subset(tmp_path: Path, monkey
     assert not is_complete(tmp_path, key)
 
     full = engine.run("demo", **options)["demo"]
+    assert decoder_calls  # the watch works: a full run does run the decoder
     assert full.selection["full"] and full.timings["cache"] == 0.0
     n_pooled = len([n for n in stage_map.loci if n != "answer"])
     # the vision loci came from the cache; only the others were pooled
@@ -322,7 +334,7 @@ def test_k_vision_extracts_the_vision_loci_only_and_a_whole_model_output_forces_
     result = pytester.runpytest_subprocess(*common, "-k", "vision and not stage")
     result.assert_outcomes(passed=4, deselected=14)
     result.stdout.fnmatch_lines(["*only the selected tests' loci were extracted (4 of 14; skipped, not selected: *",
-                                 "*the data-flow check of the stage map was skipped*"])
+                                 "*the data-flow check of the stage map stopped before the language model*"])
     [sidecar] = list(cache.glob("*.json"))
     written = json.loads(sidecar.read_text())
     assert sorted(written["loci"]) == [f"vision.{i}" for i in range(4)] and not written["answer"]
