@@ -28,12 +28,21 @@ from typing import Any
 import numpy as np
 
 from .extract import Features
+from .selection import Need
 from .atomic import atomic_write, remove_stale
 from .data.images import quick_file_hash
 
-FORMAT = 2
-"""Bumped whenever the entry layout or the meaning of the arrays changes (old keys then miss).
-2: the class names' first-token logits, the lens's norm and head rows, the answer variants."""
+FORMAT = 3
+"""Bumped whenever the entry layout or the meaning of the arrays changes.
+2: the class names' first-token logits, the lens's norm and head rows, the answer variants.
+3: an entry may hold some of the loci (a run that selected some tests) and no answer scores;
+the sidecar says which (``loci``, ``answer``, ``complete``). A format-2 entry is read as a
+complete one; any other format is unreadable (a :class:`CacheWarning`, then recomputed)."""
+
+READABLE = (2, 3)
+KEY_FORMAT = 2
+"""The format number hashed into the keys: unchanged by format 3, of whose entries format-2
+entries are a case (every locus, with the answer), so that they stay found."""
 
 ANSWER = "answer_scores"
 NAMES = "locus_names"
@@ -60,7 +69,7 @@ class CacheWarning(UserWarning):
 
 def feature_key(model_fingerprint: str, data_fingerprint: str, extraction: dict[str, Any]) -> str:
     """The sha256 of the canonical JSON of everything that decides the extracted features."""
-    payload = {"format": FORMAT, "model": model_fingerprint, "data": data_fingerprint, "extraction": extraction}
+    payload = {"format": KEY_FORMAT, "model": model_fingerprint, "data": data_fingerprint, "extraction": extraction}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -174,18 +183,19 @@ def load_features(cache_dir: str | os.PathLike[str], key: str) -> Features | Non
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("key") != key:
-            raise ValueError(f"its sidecar {meta_path.name} belongs to another format or key")
+        if meta.get("format") not in READABLE or meta.get("key") != key:
+            raise ValueError(f"its sidecar {meta_path.name} belongs to another format "
+                             f"({meta.get('format')}; this version reads {READABLE}) or key")
         with np.load(arrays_path, allow_pickle=False) as stored:
             names = [str(n) for n in stored[NAMES]]
             loci = {name: np.array(stored[LOCUS_PREFIX + name]) for name in names}
-            answer_scores = np.array(stored[ANSWER])
+            answer_scores = np.array(stored[ANSWER]) if meta.get("answer", True) else None
             first_logits = np.array(stored[FIRST_LOGITS]) if FIRST_LOGITS in stored.files else None
             lens_arrays = {f[len(LENS_PREFIX):]: np.array(stored[f]) for f in stored.files if f.startswith(LENS_PREFIX)}
             variants = {name: np.array(stored[VARIANT_PREFIX + name]) for name in meta.get("variants", [])}
         _check_consistent(loci, answer_scores, meta)
         for name, X in variants.items():
-            if X.shape != answer_scores.shape:
+            if answer_scores is None or X.shape != answer_scores.shape:
                 raise ValueError(f"answer variant {name} has shape {X.shape}, expected {answer_scores.shape}")
         lens = None
         if meta.get("lens") is not None:
@@ -202,10 +212,22 @@ def load_features(cache_dir: str | os.PathLike[str], key: str) -> Features | Non
                     lens_note=meta.get("lens_note"), variant_scores=variants)
 
 
-def _check_consistent(loci: dict[str, np.ndarray], answer_scores: np.ndarray, meta: dict[str, Any]) -> None:
-    n = answer_scores.shape[0] if answer_scores.ndim == 2 else -1
-    if n < 0:
-        raise ValueError(f"answer_scores has shape {answer_scores.shape}, expected [images, classes]")
+def is_complete(cache_dir: str | os.PathLike[str], key: str) -> bool:
+    """Whether the entry of ``key`` holds every locus and the answer (format 2 entries always do)."""
+    try:
+        meta = json.loads(entry_paths(cache_dir, key)[1].read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("complete", meta.get("format") == 2))
+
+
+def _check_consistent(loci: dict[str, np.ndarray], answer_scores: np.ndarray | None, meta: dict[str, Any]) -> None:
+    if answer_scores is None:
+        n = int(meta.get("n_images", -1))
+    else:
+        n = answer_scores.shape[0] if answer_scores.ndim == 2 else -1
+        if n < 0:
+            raise ValueError(f"answer_scores has shape {answer_scores.shape}, expected [images, classes]")
     for name, X in loci.items():
         if X.ndim != 2 or X.shape[0] != n:
             raise ValueError(f"locus {name} has shape {X.shape}, expected [{n}, features]")
@@ -214,13 +236,19 @@ def _check_consistent(loci: dict[str, np.ndarray], answer_scores: np.ndarray, me
 
 
 def save_features(
-    cache_dir: str | os.PathLike[str], key: str, features: Features, meta: dict[str, Any] | None = None
+    cache_dir: str | os.PathLike[str], key: str, features: Features, meta: dict[str, Any] | None = None,
+    complete: bool = True,
 ) -> Path:
-    """Write one entry atomically (arrays, then sidecar); returns the ``.npz`` path."""
+    """Write one entry atomically (arrays, then sidecar); returns the ``.npz`` path.
+
+    ``complete``: the features hold every locus of the model and the answer (a later run of
+    any selection reads them); otherwise later runs extract what they miss and merge it in."""
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     arrays_path, meta_path = entry_paths(root, key)
-    arrays = {NAMES: np.array(list(features.loci), dtype=str), ANSWER: np.asarray(features.answer_scores)}
+    arrays = {NAMES: np.array(list(features.loci), dtype=str)}
+    if features.answer_scores is not None:
+        arrays[ANSWER] = np.asarray(features.answer_scores)
     for name, X in features.loci.items():
         arrays[LOCUS_PREFIX + name] = np.asarray(X)
     if features.first_logits is not None:
@@ -233,7 +261,8 @@ def save_features(
     atomic_write(arrays_path, lambda fh: np.savez(fh, **arrays))
     sidecar = {
         "format": FORMAT, "key": key, "loci": list(features.loci),
-        "n_images": int(features.answer_scores.shape[0]),
+        "answer": features.answer_scores is not None, "complete": bool(complete),
+        "n_images": features.n_images,
         "bytes": int(sum(a.nbytes for a in arrays.values())),
         "lens": None if features.lens is None else features.lens.meta(),
         "lens_note": features.lens_note,
@@ -276,33 +305,54 @@ def locked(cache_dir: str | os.PathLike[str], key: str) -> Iterator[Path]:
 
 
 def cached_features(
-    cache_dir: str | os.PathLike[str] | None, key: str, compute: Any, meta: dict[str, Any] | None = None
+    cache_dir: str | os.PathLike[str] | None, key: str, compute: Any, meta: dict[str, Any] | None = None,
+    need: Need | None = None, whole: Need | None = None,
 ) -> tuple[Features, bool]:
     """``(features, hit)``: the entry of ``key``, or ``compute()`` saved under it, under the lock.
 
-    ``cache_dir=None`` disables the cache (``compute()`` every time). A cache that cannot be
-    written still serves a complete entry (read without the lock: entries are only ever replaced
-    whole); otherwise the features are computed and not kept, with one :class:`CacheWarning`.
-    Leftovers of killed runs (temporary files) are removed first.
+    Without ``need`` the entry must be complete (every locus and the answer) and ``compute()``
+    makes a complete one. With ``need`` (what this run reads) an entry that holds it is a hit
+    (restricted to ``need``: no model is loaded); otherwise ``compute(missing)`` extracts only
+    what the entry lacks and the union is written back as one entry, atomically and under the
+    lock, marked complete when it holds all of ``whole``. ``hit`` is true only when nothing was
+    computed.
+
+    ``cache_dir=None`` disables the cache (``compute`` every time). A cache that cannot be
+    written still serves an entry that holds what is needed (read without the lock: entries are
+    only ever replaced whole); otherwise the features are computed and not kept, with one
+    :class:`CacheWarning`. Leftovers of killed runs (temporary files) are removed first.
     """
+
+    def run(missing: Need | None) -> Features:
+        return compute() if need is None else compute(missing)
+
+    def usable(found: Features | None) -> bool:
+        if found is None:
+            return False
+        return is_complete(cache_dir, key) if need is None else found.has(need)
+
     if cache_dir is None:
-        return compute(), False
+        return run(need), False
     remove_stale(cache_dir)
     try:
         with locked(cache_dir, key):  # only locked() raises CacheUnavailable
-            features = load_features(cache_dir, key)
-            if features is not None:
-                return features, True
-            features = compute()
+            found = load_features(cache_dir, key)
+            if usable(found):
+                return (found if need is None else found.only(need)), True
+            if need is None or found is None:
+                features = run(need)
+            else:  # extract only what the entry lacks, keep the union
+                features = found.merged(run(need.missing_from(found.loci, found.answer_scores is not None)))
+            complete = need is None or (whole is not None and features.has(whole))
             try:
-                save_features(cache_dir, key, features, meta)
+                save_features(cache_dir, key, features, meta, complete=complete)
             except OSError as exc:  # full disk, lost permission: the run goes on without keeping them
                 warnings.warn(CacheWarning(f"could not keep the features in {cache_dir}: {exc}"), stacklevel=2)
-            return features, False
+            return (features if need is None else features.only(need)), False
     except CacheUnavailable as exc:
-        features = load_features(cache_dir, key)
-        if features is not None:
-            return features, True
+        found = load_features(cache_dir, key)
+        if usable(found):
+            return (found if need is None else found.only(need)), True
         warnings.warn(CacheWarning(f"the feature cache is not used: {exc}; the features are computed and not kept"),
                       stacklevel=2)
-        return compute(), False
+        return run(need), False

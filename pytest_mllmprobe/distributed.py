@@ -61,14 +61,19 @@ class Group:
         return self.rank == 0
 
     # -- commands from rank 0 -------------------------------------------------------------
-    def send(self, command: int, model: int = -1) -> None:
-        """Rank 0: tell the serving ranks what to do next."""
-        self._broadcast_ints([command, model], "sending the next command")
+    def send(self, command: int, model: int = -1, answer: bool = False, mask: list[int] | None = None) -> None:
+        """Rank 0: tell the serving ranks what to do next: ``command`` for model ``model``, the
+        loci marked 1 in ``mask`` (the model's loci in sorted order) and the answer if ``answer``."""
+        mask = list(mask or [])
+        self._broadcast_ints([command, model, int(answer), len(mask)], "sending the next command")
+        if mask:
+            self._broadcast_ints(mask, "sending the loci to extract")
 
-    def receive(self) -> tuple[int, int]:
-        """A serving rank: rank 0's next command, ``(command, model index)``."""
-        values = self._broadcast_ints([0, 0], "waiting for rank 0's next command")
-        return int(values[0]), int(values[1])
+    def receive(self) -> tuple[int, int, bool, list[int]]:
+        """A serving rank: rank 0's next command, ``(command, model index, answer, loci mask)``."""
+        command, model, answer, length = self._broadcast_ints([0, 0, 0, 0], "waiting for rank 0's next command")
+        mask = self._broadcast_ints([0] * length, "receiving the loci to extract") if length else []
+        return int(command), int(model), bool(answer), [int(v) for v in mask]
 
     def _broadcast_ints(self, values: list[int], what: str) -> list[int]:
         import torch

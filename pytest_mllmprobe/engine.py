@@ -26,6 +26,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .extract import Features
+    from .selection import Need, Selection
 
 Progress = Callable[[str, int, int], None]
 
@@ -197,12 +198,13 @@ def _dataset(settings: Settings, specs: list[ModelSpec]) -> Dataset:
 
 
 def evaluate(the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None,
-             keep: Callable[[LoadedModel], None] | None = None) -> ModelResult:
+             keep: Callable[[LoadedModel], None] | None = None, selection: Selection | None = None) -> ModelResult:
     """One model through the pipeline: load, extract, answer, probe, score, judge.
 
     ``keep`` receives the loaded model once its features are extracted (a PEFT adapter of the same
-    run takes its base from there instead of loading it again)."""
-    run = ModelRun(the_plan, model_plan, progress)
+    run takes its base from there instead of loading it again). ``selection`` (default: every
+    test) names the tests to judge: only the loci they read are extracted and scored."""
+    run = ModelRun(the_plan, model_plan, progress, selection)
     run.keep = keep
     features = run.features()  # load + extract + answer, or the feature cache
     probed = run.probe(features)
@@ -219,8 +221,15 @@ class ModelRun:
     model's; generated answers (``--mllm-answer generate``) are kept beside the features.
     """
 
-    def __init__(self, the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None) -> None:
+    def __init__(self, the_plan: Plan, model_plan: ModelPlan, progress: Progress | None = None,
+                 selection: Selection | None = None) -> None:
+        from .selection import everything
+
         self.plan = the_plan
+        #: the tests to judge and the loci they read (:mod:`pytest_mllmprobe.selection`)
+        self.selection = selection if selection is not None else everything(model_plan.stage_map)
+        #: how this run differs from a full one (partial selection, early stop, skipped checks)
+        self.notes: list[str] = []
         self.model_plan = model_plan
         self.settings = the_plan.settings
         self.dataset = the_plan.dataset
@@ -246,27 +255,33 @@ class ModelRun:
         """The pooled features and answer scores: from the cache when it holds them."""
         # Generated answers are not cached: a generate run always loads the model.
         cache_dir = self.settings.cache_dir if self.settings.answer != "generate" else None
+        need = self.selection.need
         if cache_dir is None:
-            return self.compute()
+            return self.compute(need)
         from .cache import cached_features, extraction_key
+        from .selection import everything
 
         key, meta = extraction_key(self.plan, self.model_plan)  # reads no weights
         start = time.perf_counter()
-        features, hit = cached_features(cache_dir, key, self.compute, meta)
+        features, hit = cached_features(cache_dir, key, self.compute, meta, need=need,
+                                        whole=everything(self.model_plan.stage_map).need)
         self.timings["cache"] = 1.0 if hit else 0.0
+        self.timings["cached_loci"] = float(len(features.loci) - self.timings.get("pooled_loci", 0.0))
         if hit:
-            self.timings.update(load_s=0.0, extract_s=0.0, cache_read_s=time.perf_counter() - start)
+            self.timings.update(load_s=0.0, extract_s=0.0, pooled_loci=0.0, cache_read_s=time.perf_counter() - start)
         return features
 
-    def compute(self) -> Features:
-        """Load the model, extract every locus, generate answers if asked; the model is freed after.
+    def compute(self, need: Need | None = None) -> Features:
+        """Load the model, extract the loci of ``need`` (default: the selection's), score the answer
+        and generate answers if asked; the model is freed after.
 
         Under torch.distributed (:mod:`.distributed`) every rank extracts its shard of the
         images and the features are gathered; rank 0 alone generates answers and hands the
         model on."""
         from .distributed import EXTRACT
 
-        features, loaded, prompt = self.on_ranks(EXTRACT, self._compute)
+        need = need if need is not None else self.selection.need
+        features, loaded, prompt = self.on_ranks(EXTRACT, lambda rows: self._compute(rows, need), need)
         if self.serving:
             return features
         if self.settings.answer == "generate":
@@ -275,19 +290,25 @@ class ModelRun:
             self.keep(loaded)
         return features
 
-    def _compute(self, rows: range) -> tuple[Features, LoadedModel, str]:
+    def _compute(self, rows: range, need: Need) -> tuple[Features, LoadedModel, str]:
+        from .selection import NO_FLOW_NOTE
+
         loaded = self.load()
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
-        self.check_flow(loaded, prompt)
-        features = self.extract(loaded, prompt, rows)
-        features.variant_scores = self.answer_variants(loaded, rows)
+        language_model = need.answer or any(n.startswith("llm.") for n in need.loci)
+        self.check_flow(loaded, prompt, language_model)
+        if not language_model:  # its forwards stop before the language model, which this selection never needs
+            self.notes.append(NO_FLOW_NOTE)
+        features = self.extract(loaded, prompt, need, rows)
+        if need.answer:
+            features.variant_scores = self.answer_variants(loaded, rows)
         return features, loaded, prompt
 
-    def on_ranks(self, command: int, local: Callable[[range], Any]) -> Any:
+    def on_ranks(self, command: int, local: Callable[[range], Any], need: Need | None = None) -> Any:
         """``local(rows)`` on every image, or, under torch.distributed, on this rank's shard: rank
-        0 tells the serving ranks to do the same (``command``), every rank votes on its part,
-        and the features (the first item of ``local``'s result, or the result) are gathered in
-        image order."""
+        0 tells the serving ranks to do the same (``command``, for the loci of ``need``; default
+        all), every rank votes on its part, and the features (the first item of ``local``'s
+        result, or the result) are gathered in image order."""
         from .distributed import current, shards
 
         group = current()
@@ -295,7 +316,8 @@ class ModelRun:
         if group is None:
             return local(range(n))
         if group.leader:
-            group.send(command, next(i for i, m in enumerate(self.plan.models) if m is self.model_plan))
+            index = next(i for i, m in enumerate(self.plan.models) if m is self.model_plan)
+            group.send(command, index, *need_mask(self.model_plan.stage_map, need))
         parts = shards(n, self.settings.batch_size, group.world)
         failure, out = None, None
         try:
@@ -389,22 +411,25 @@ class ModelRun:
             twin = kind(config)
         loaded = replace(loaded, model=twin.to(dtype=loaded.dtype).eval())
         prompt = build_prompt(loaded.processor, self.spoken, self.dataset.prompt or DEFAULT_QUESTION)
-        return self.extract(loaded, prompt, rows)
+        return self.extract(loaded, prompt, rows=rows)
 
-    def check_flow(self, loaded: LoadedModel, prompt: str) -> None:
-        """The stage map proven on one image: vision feeds the connector, the connector the LLM."""
+    def check_flow(self, loaded: LoadedModel, prompt: str, language_model: bool = True) -> None:
+        """The stage map proven on one image: vision feeds the connector, the connector the LLM
+        (that last part only with ``language_model``: its forwards stop before the decoder)."""
         from .models.flow import check_data_flow
 
         start = time.perf_counter()
         adapter, family_name = loaded.adapter, self.stage_map.family
         inputs = adapter.encode(loaded.processor, [self.dataset.image(0)], [prompt], loaded.device, loaded.dtype,
                                 family_name=family_name)
-        check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)})
+        check_data_flow(loaded.model, self.stage_map, {**inputs, **adapter.positions(inputs, family_name=family_name)},
+                        language_model)
         self.timings["flow_check_s"] = time.perf_counter() - start
 
-    def extract(self, loaded: LoadedModel, prompt: str, rows: range | None = None) -> Features:
-        """Every locus of the images ``rows`` (default: all) in one forward pass per batch; out of
-        memory halves the batch size."""
+    def extract(self, loaded: LoadedModel, prompt: str, need: Need | None = None, rows: range | None = None) -> Features:
+        """Every locus of ``need`` (default: all) for the images ``rows`` (default: all) in one
+        forward pass per batch, stopped after the last needed locus when the answer is not
+        needed; out of memory halves the batch size."""
         from .answer import class_continuations
         from .extract import extract
 
@@ -419,9 +444,11 @@ class ModelRun:
             continuations=class_continuations(tokenizer, prompt, self.spoken),
             batch_size=self.settings.batch_size, device=loaded.device, dtype=loaded.dtype,
             progress=(lambda done, total: self.progress(label, done, total)) if self.progress else None,
-            on_oom=halved.append, adapter=loaded.adapter,
+            on_oom=halved.append, adapter=loaded.adapter, need=need,
         )
         self.timings["extract_s"] = time.perf_counter() - start
+        self.timings["pooled_loci"] = float(len(features.loci))
+        self.notes += features.notes
         from .lens import capture
 
         first_ids = [c[0] for c in class_continuations(tokenizer, prompt, self.spoken)]
@@ -484,6 +511,8 @@ class ModelRun:
         """Out-of-fold probe outputs of every locus, trained where the features were extracted."""
         from .probes import cross_fit_on_device
 
+        if not features.loci:  # only the answer was selected: nothing to probe
+            return {}
         start = time.perf_counter()
         probed = cross_fit_on_device(
             features.loci, self.dataset.labels, self.plan.folds, self.plan.test,
@@ -502,19 +531,24 @@ class ModelRun:
         y_test = self.dataset.labels[test]
         k = len(self.dataset.class_names)
         chance = scoring.chance_levels(y_test, k)
-        answer = scoring.answer_score(
-            y_test, features.answer_scores[test], self.settings.answer, generated=self.generated,
-            spoken=self.spoken, test_ids=[self.dataset.ids[int(i)] for i in test],
-        )
-        self.answers = answer.answers
+        answer = None
+        if features.answer_scores is not None and self.selection.need.answer:
+            answer = scoring.answer_score(
+                y_test, features.answer_scores[test], self.settings.answer, generated=self.generated,
+                spoken=self.spoken, test_ids=[self.dataset.ids[int(i)] for i in test],
+            )
+            self.answers = answer.answers
         position = {int(i): n for n, i in enumerate(test)}
         folds = [np.array([position[int(i)] for i in fold_test]) for _, fold_test in self.plan.folds]
         loci: dict[str, LocusResult] = {}
         sets = {}
         for name in self.stage_map.loci:
             if name == "answer":
-                loci[name] = scoring.locus_result(name, k, answer.chosen, chance, finite=answer.finite)
-                sets[name] = answer.chosen
+                if answer is not None:
+                    loci[name] = scoring.locus_result(name, k, answer.chosen, chance, finite=answer.finite)
+                    sets[name] = answer.chosen
+                continue
+            if name not in probed:  # not selected: not extracted, not scored
                 continue
             out = probed[name]
             probe_score = scoring.score(y_test, out.probabilities)
@@ -525,6 +559,9 @@ class ModelRun:
             )
             if out.controls is not None:
                 loci[name].control = control(y_test, loci[name], out.controls, k)
+        if answer is None:  # the selection reads neither the answer nor the lens
+            self.intervals(loci, sets, y_test)
+            return loci
         lens_note, lens_head = self.lens(features, y_test, chance, folds, loci, sets)
         self.answers = {**(self.answers or {}), "lens": {
             "note": lens_note, "layers": sum(1 for n in loci if n.startswith("lens.")),
@@ -590,14 +627,17 @@ class ModelRun:
         metric = self.model_plan.thresholds.metric
         stage_map = self.stage_map
         fed = fed_locus(loci, stage_map.consumed_vision_layers, metric)
+        partial = not self.selection.full
 
         def derived(per_set: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
             figures = stage_figures(lambda n: per_set[n][metric], per_set, stage_map.consumed_vision_layers,
-                                    stage_map.llm_entry, fed)
+                                    stage_map.llm_entry, fed, stage_map.loci)
             lens_last, last = f"lens.{len(stage_map.llm_layers) - 1}", f"llm.{len(stage_map.llm_layers) - 1}.last"
             if lens_last in per_set:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     figures["lens/llm"] = per_set[lens_last][metric] / per_set[last][metric]
+            if partial:  # figures of loci a selection left out have no interval
+                figures = {k: v for k, v in figures.items() if not np.isnan(v).all()}
             return figures
 
         found = bootstrap_intervals(
@@ -618,17 +658,20 @@ class ModelRun:
         from .verdicts import judge, stage_scores
 
         stage_map, thresholds = self.stage_map, self.model_plan.thresholds
-        stage_values = stage_scores(loci, stage_map.consumed_vision_layers, thresholds.metric, stage_map.llm_entry)
+        stage_values = stage_scores(loci, stage_map.consumed_vision_layers, thresholds.metric, stage_map.llm_entry,
+                                    stage_map.loci)
         intervals = self.stage_intervals
         verdicts = judge(loci, stage_values, stage_map.consumed_vision_layers, thresholds, stage_map.llm_entry,
-                         intervals, invariance=(self.answers or {}).get("invariance"))
+                         intervals, invariance=(self.answers or {}).get("invariance"), stages=self.selection.stages)
+        selection = self.selection.to_dict()
+        selection["notes"] = list(dict.fromkeys([*filter(None, [self.selection.note()]), *self.notes]))
         return ModelResult(
             label=self.model_plan.spec.label, source=self.model_plan.spec.source, stage_map=stage_map.to_dict(),
             class_names=tuple(self.dataset.class_names), metric=thresholds.metric,
             n_train=int(len(self.plan.folds[0][0])), n_test=int(len(self.plan.test)),
             loci=loci, scores=stage_values, verdicts=verdicts, thresholds=thresholds.to_dict(),
             timings=self.timings, answers=self.answers, intervals=dict(intervals),
-            uncertainty=dict(self.uncertainty), random_init=self.twin,
+            uncertainty=dict(self.uncertainty), random_init=self.twin, selection=selection,
         )
 
 
@@ -641,11 +684,33 @@ def gather_features(group: Any, features: Features, sizes: list[int], what: str)
         first = group.gather_rows(features.first_logits, sizes, "the first-token logits")
     variants = {name: group.gather_rows(scores, sizes, f"the {name} answer scores")
                 for name, scores in sorted(features.variant_scores.items())}
+    answer = None
+    if features.answer_scores is not None:
+        answer = group.gather_rows(features.answer_scores, sizes, "the answer scores")
     return replace(
-        features, loci=loci, answer_scores=group.gather_rows(features.answer_scores, sizes, "the answer scores"),
+        features, loci=loci, answer_scores=answer,
         first_logits=first, variant_scores=variants,
         batch_size=group.smallest(features.batch_size or 0, f"the batch size of {what}") or None,
     )
+
+
+def need_mask(stage_map: StageMap, need: Need | None) -> tuple[bool, list[int]]:
+    """``need`` as rank 0 sends it: the answer flag and one 0/1 per locus of the model (all 1:
+    ``None``, everything)."""
+    from .selection import everything
+
+    universe = sorted(everything(stage_map).need.loci)
+    if need is None:
+        return True, [1] * len(universe)
+    return need.answer, [int(name in need.loci) for name in universe]
+
+
+def need_of(stage_map: StageMap, answer: bool, mask: list[int]) -> Need:
+    """The :class:`~.selection.Need` rank 0 sent (:func:`need_mask`)."""
+    from .selection import Need, everything
+
+    universe = sorted(everything(stage_map).need.loci)
+    return Need(frozenset(name for name, bit in zip(universe, mask) if bit), bool(answer))
 
 
 def serve(the_plan: Plan, group: Any) -> None:
@@ -656,13 +721,17 @@ def serve(the_plan: Plan, group: Any) -> None:
     from .distributed import EXTRACT, STOP, RankFailed
 
     while True:
-        command, index = group.receive()
+        command, index, answer, mask = group.receive()
         if command == STOP:
             return
-        run = ModelRun(the_plan, the_plan.models[index])
+        model_plan = the_plan.models[index]
+        run = ModelRun(the_plan, model_plan)
         run.serving = True
         try:
-            run.compute() if command == EXTRACT else run.compute_random_init()
+            if command == EXTRACT:
+                run.compute(need_of(model_plan.stage_map, answer, mask))
+            else:
+                run.compute_random_init()
         except RankFailed:
             continue
         finally:
@@ -718,6 +787,8 @@ class Evaluator:
         self.progress = progress
         self._results: dict[str, ModelResult | BaseException] = {}
         self._raw: dict[str, ModelResult] = {}
+        #: model label -> the tests asked of it (:meth:`select`); absent: every test
+        self._selections: dict[str, Selection] = {}
         settings = the_plan.settings
         labels = [m.spec.label for m in the_plan.models]
         #: model label -> the label of the model it is compared with (same run, same data and split)
@@ -759,10 +830,35 @@ class Evaluator:
     def model_plan(self, label: str) -> ModelPlan:
         return next(m for m in self.plan.models if m.spec.label == label)
 
+    def select(self, label: str, tests: Any = None, reason: str | None = None) -> Selection:
+        """Ask only ``tests`` (locus and ``stage.<stage>`` names; ``None``: all) of model ``label``,
+        before its evaluation: only the loci they read are extracted, scored and judged.
+
+        An output that stands for the whole model (``reason``, or one of the settings':
+        :func:`.selection.whole_model_reason`) extracts and judges everything, and the result
+        says why. Call it before :meth:`result`; a model whose tests were all left out is simply
+        never asked for (and never loaded)."""
+        from .selection import everything, select, whole_model_reason
+
+        if label in self._raw:
+            raise RuntimeError(f"model {label!r} is already evaluated; select its tests before")
+        stage_map = self.model_plan(label).stage_map
+        reason = reason or whole_model_reason(self.plan.settings)
+        if tests is None:
+            chosen = everything(stage_map)
+        else:
+            tests = list(tests)
+            chosen = select(stage_map, tests, label, reason=reason)
+            if reason is not None and len(set(tests)) < len(everything(stage_map).tests):
+                chosen = everything(stage_map, f"every locus was extracted: {reason}", tests)
+        self._selections[label] = chosen
+        return chosen
+
     def raw(self, label: str) -> ModelResult:
         """The model's own result, before any comparison."""
         if label not in self._raw:
-            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress, keep=self._keeper(label))
+            self._raw[label] = evaluate(self.plan, self.model_plan(label), self.progress, keep=self._keeper(label),
+                                        selection=self._selections.get(label))
             taker = self.model_plan(label).adapter
             if hasattr(taker, "offer_base"):  # a base it was offered and did not need is let go
                 taker.offer_base(None, None)
@@ -840,8 +936,12 @@ class Evaluator:
         return replace(result, verdicts=verdicts, comparison=comparison, changes=changes)
 
 
-def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **options: Any) -> Results | None:
+def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, *, tests: Any = None,
+        **options: Any) -> Results | None:
     """Probe every locus of every model; the same numbers the pytest items assert.
+
+    ``tests`` (locus and ``stage.<stage>`` names, as the pytest items are named) evaluates only
+    those tests: only the loci they read are extracted (``-k`` in pytest does the same).
 
     Under torch.distributed (an initialised process group, or started by torchrun: the group is
     then joined here) every rank must call ``run`` with the same arguments: each extracts its
@@ -850,6 +950,7 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
 
     >>> results = run("demo")                      # doctest: +SKIP
     >>> results["demo"].profile                    # doctest: +SKIP
+    >>> run("demo", tests=["vision.0", "stage.vision"])  # doctest: +SKIP
     """
     if isinstance(models, str):
         models = [models]
@@ -866,6 +967,10 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, **op
     settings = replace(settings, device=rank_device(settings.device, group))
     the_plan = plan(settings)
     evaluator = Evaluator(the_plan)
+    if tests is not None:
+        tests = [tests] if isinstance(tests, str) else list(tests)
+        for m in the_plan.models:
+            evaluator.select(m.spec.label, tests)
     if group is not None and not group.leader:
         serve(the_plan, group)
         return None

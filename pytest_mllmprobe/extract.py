@@ -14,7 +14,7 @@ Readouts:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from .lens import LensHead
 from .models.adapter import ModelAdapter
 from .models.families import Segments
 from .models.stages import StageMap
+from .selection import NO_STOP_NOTE, Need, stop_after
 
 
 @dataclass
@@ -37,7 +38,8 @@ class Features:
     """Pooled features per locus (``[N, D]`` float32) and the answer scores (``[N, K]``)."""
 
     loci: dict[str, np.ndarray]
-    answer_scores: np.ndarray
+    #: ``None`` when the selection needed no answer (the forward may have stopped before the logits)
+    answer_scores: np.ndarray | None
     #: the batch size the extraction finished with (smaller than asked after out-of-memory)
     batch_size: int | None = None
     #: ``[N, K]`` the model's own logits of each class name's first token at the last prompt
@@ -49,10 +51,43 @@ class Features:
     #: ``[N, K]`` answer scores under other option orders and prompt wordings
     #: (``order.<r>``, ``prompt.<j>``; ``--mllm-answer-orders``, the dataset's ``prompts``)
     variant_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    #: how the extraction ran where it differs from the plan (the forward could not stop early)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_images(self) -> int:
-        return int(self.answer_scores.shape[0])
+        if self.answer_scores is not None:
+            return int(self.answer_scores.shape[0])
+        return int(next(iter(self.loci.values())).shape[0]) if self.loci else 0
+
+    def has(self, need: Need) -> bool:
+        """Whether these features hold everything ``need`` asks for."""
+        return need.missing_from(self.loci, self.answer_scores is not None).empty
+
+    def merged(self, other: Features) -> Features:
+        """These features with ``other``'s loci (and answer, lens, variants where it has them) added."""
+        from dataclasses import replace
+
+        answer = other.answer_scores is not None
+        return replace(
+            self, loci={**self.loci, **other.loci},
+            answer_scores=other.answer_scores if answer else self.answer_scores,
+            first_logits=other.first_logits if answer else self.first_logits,
+            variant_scores=other.variant_scores if answer else self.variant_scores,
+            lens=other.lens if other.lens is not None else self.lens,
+            lens_note=other.lens_note if other.lens is not None else self.lens_note,
+            notes=[*self.notes, *other.notes],
+            batch_size=other.batch_size if other.batch_size is not None else self.batch_size,
+        )
+
+    def only(self, need: Need) -> Features:
+        """These features restricted to ``need``'s loci (the answer dropped when not needed)."""
+        from dataclasses import replace
+
+        loci = {n: X for n, X in self.loci.items() if n in need.loci}
+        if need.answer:
+            return replace(self, loci=loci)
+        return replace(self, loci=loci, answer_scores=None, first_logits=None, variant_scores={})
 
 
 class AnswerScoringWarning(UserWarning):
@@ -61,6 +96,13 @@ class AnswerScoringWarning(UserWarning):
 
 class ExtractionError(RuntimeError):
     """A hook did not fire, fired twice, or saw a shape it cannot pool."""
+
+
+class _StopForward(BaseException):
+    """Raised by the hook of the last needed locus and caught in :func:`_one_batch`: the rest of
+    the forward (the language model, for a vision-only selection) never runs (baukit's
+    ``StopForward``). A ``BaseException``, so model code that catches ``Exception`` for a
+    fallback of its own does not swallow it. Private: it never leaves this module."""
 
 
 def _first_tensor(output: Any) -> Any:
@@ -134,9 +176,14 @@ def _masked_pool(name: str, tokens: Any, rows: Sequence[int] | None, mask: Any) 
 class PoolingHooks:
     """Forward hooks on every locus; use as a context manager so they are always removed."""
 
-    def __init__(self, model: Any, stage_map: StageMap) -> None:
+    def __init__(self, model: Any, stage_map: StageMap, loci: Collection[str] | None = None,
+                 stop_after: str | None = None) -> None:
         self.model = model
         self.stage_map = stage_map
+        #: the loci to pool (``None``: every locus); hooks sit only on their modules
+        self.loci = None if loci is None else frozenset(loci)
+        #: the locus whose hook ends the forward (:class:`_StopForward`); ``None``: run to the end
+        self.stop_after = stop_after
         self._handles: list[Any] = []
         #: one preallocated ``[N, D]`` float32 array per locus, made when its hook first fires
         self.outputs: dict[str, np.ndarray] = {}
@@ -147,15 +194,20 @@ class PoolingHooks:
         self._last_index: Any = None
         self._segments = Segments()
         self._active = True
+        #: whether this batch's stop hook raised :class:`_StopForward`, and whether the model caught it
+        self.stopped = self.swallowed = False
 
     # -- context management -------------------------------------------------------------
     def __enter__(self) -> PoolingHooks:
         try:
             for i, path in enumerate(self.stage_map.vision_layers):
-                self._register(path, self._vision_hook(f"vision.{i}"))
-            self._register(self.stage_map.connector, self._connector_hook())
+                if self._wanted(f"vision.{i}"):
+                    self._register(path, self._vision_hook(f"vision.{i}"))
+            if self._wanted("connector"):
+                self._register(self.stage_map.connector, self._connector_hook())
             for i, path in enumerate(self.stage_map.llm_layers):
-                self._register(path, self._llm_hook(i))
+                if self._readouts(i):
+                    self._register(path, self._llm_hook(i))
         except BaseException:
             self.remove()
             raise
@@ -181,6 +233,7 @@ class PoolingHooks:
     ) -> None:
         """The next forward is images ``rows`` of ``n``: each hook writes its pooled rows there."""
         self._fired = set()
+        self.stopped = self.swallowed = False
         self._rows = rows
         self._n = n
         self._image_mask = image_mask
@@ -198,11 +251,23 @@ class PoolingHooks:
             )
 
     def expected_loci(self) -> list[str]:
+        """The loci whose hooks must fire in every forward (the needed ones only)."""
         names = [f"vision.{i}" for i in range(len(self.stage_map.vision_layers))]
         names.append("connector")
         for i in range(len(self.stage_map.llm_layers)):
             names += [f"llm.{i}.{readout}" for readout in self.stage_map.llm_readouts]
-        return names
+        return [n for n in names if self._wanted(n)]
+
+    def _wanted(self, name: str) -> bool:
+        return self.loci is None or name in self.loci
+
+    def _readouts(self, index: int) -> tuple[str, ...]:
+        return tuple(r for r in self.stage_map.llm_readouts if self._wanted(f"llm.{index}.{r}"))
+
+    def _maybe_stop(self, *names: str) -> None:
+        if self.stop_after is not None and self.stop_after in names:
+            self.stopped = True
+            raise _StopForward(self.stop_after)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -245,6 +310,7 @@ class PoolingHooks:
                 name, hidden, self._segments.vision, flat=self._segments.flat, drop_cls=self.stage_map.drop_cls,
                 mask=self._segments.vision_mask,
             ))
+            self._maybe_stop(name)
 
         return hook
 
@@ -257,6 +323,7 @@ class PoolingHooks:
                 "connector", hidden, self._segments.connector, flat=self._segments.flat,
                 mask=self._segments.connector_mask,
             ))
+            self._maybe_stop("connector")
 
         return hook
 
@@ -267,7 +334,8 @@ class PoolingHooks:
             import torch
 
             hidden = _first_tensor(output)
-            if "image" in self.stage_map.llm_readouts:
+            readouts = self._readouts(index)
+            if "image" in readouts:
                 mask = self._image_mask.to(hidden.device)
                 counts = mask.sum(dim=1, keepdim=True)
                 if bool((counts == 0).any()):
@@ -275,8 +343,10 @@ class PoolingHooks:
                 # float32 accumulation of the image-token sum (bf16/fp16 forwards)
                 image = torch.einsum("bt,bth->bh", mask.float(), hidden.float()) / counts
                 self._store(f"llm.{index}.image", image)
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            self._store(f"llm.{index}.last", hidden[rows, self._last_index.to(hidden.device)].float())
+            if "last" in readouts:
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                self._store(f"llm.{index}.last", hidden[rows, self._last_index.to(hidden.device)].float())
+            self._maybe_stop(*(f"llm.{index}.{r}" for r in readouts))
 
         return hook
 
@@ -296,8 +366,15 @@ def extract(
     padding_side: str = "left",
     on_oom: Callable[[int], None] | None = None,
     adapter: ModelAdapter | None = None,
+    need: Need | None = None,
 ) -> Features:
     """Pooled features of every locus and answer scores for ``len(prompts)`` images.
+
+    ``need`` (default: everything) names the loci to pool and whether the answer is scored;
+    without the answer the forward stops after the hook of the last needed locus
+    (:func:`.selection.stop_after`), unless the adapter says its model cannot stop early
+    (``stops_early = False``) or the model caught the stop itself: then it runs to the end,
+    only the needed loci are pooled, and ``Features.notes`` says so.
 
     ``images(indices)`` returns the PIL images of those sample indices, so images are read one
     batch at a time. Left padding is the default (the answer's continuation scoring needs it);
@@ -313,21 +390,28 @@ def extract(
             "image-token readout cannot find the image positions"
         )
     adapter = adapter if adapter is not None else ModelAdapter()
-    if not single_token(continuations) and not continues_cache(stage_map.family, model):
+    if (need is None or need.answer) and not single_token(continuations) and not continues_cache(stage_map.family, model):
         import warnings
 
         warnings.warn(AnswerScoringWarning(CACHE_FALLBACK_NOTE.format(family=stage_map.family)), stacklevel=2)
     n = len(prompts)
     scores: list[Any] = []
     firsts: list[Any] = []
-    with PoolingHooks(model, stage_map) as hooks, torch.inference_mode():
+    notes: list[str] = []
+    answer = need is None or need.answer
+    stop = None if need is None else stop_after(stage_map, need)
+    if stop is not None and not getattr(adapter, "stops_early", True):
+        notes.append(NO_STOP_NOTE.format(why=f"the {type(adapter).__name__} adapter's model cannot stop early"))
+        stop = None
+    with PoolingHooks(model, stage_map, None if need is None else need.loci, stop) as hooks, \
+            torch.inference_mode():
         start = 0
         while start < n:
             index = list(range(start, min(start + batch_size, n)))
             try:
                 batch_scores, batch_firsts = _one_batch(
                     model, processor, stage_map, hooks, adapter, images(index), [prompts[i] for i in index],
-                    continuations, device, dtype, padding_side, slice(index[0], index[-1] + 1), n,
+                    continuations, device, dtype, padding_side, slice(index[0], index[-1] + 1), n, answer=answer,
                 )
             except torch.OutOfMemoryError as exc:
                 if batch_size == 1:
@@ -340,22 +424,28 @@ def extract(
                 if on_oom is not None:
                     on_oom(batch_size)
                 continue  # the same images again, in smaller batches
+            if hooks.swallowed:  # the model caught the stop itself: run to the end from now on
+                notes.append(NO_STOP_NOTE.format(why=f"the {stage_map.family} model caught the early stop"))
+                hooks.stop_after = None
             scores.append(batch_scores)
             firsts.append(batch_firsts)
             start = index[-1] + 1
             if progress is not None:
                 progress(start, n)
+    if not answer:
+        return Features(loci=hooks.outputs, answer_scores=None, batch_size=batch_size, notes=notes)
     return Features(loci=hooks.outputs, answer_scores=torch.cat(scores).numpy(), batch_size=batch_size,
-                    first_logits=torch.cat(firsts).numpy())
+                    first_logits=torch.cat(firsts).numpy(), notes=notes)
 
 
 def _one_batch(
     model: Any, processor: Any, stage_map: StageMap, hooks: PoolingHooks, adapter: ModelAdapter, images: list[Any],
     prompts: list[str], continuations: list[list[int]], device: Any, dtype: Any, padding_side: str,
-    rows: slice, n: int,
+    rows: slice, n: int, *, answer: bool = True,
 ) -> Any:
     """One forward with the hooks on (they write rows ``rows`` of their outputs); the answer scores
-    and the class names' first-token logits (for the lens check)."""
+    and the class names' first-token logits (for the lens check), or ``(None, None)`` without
+    ``answer`` (the forward stops at the hooks' ``stop_after`` locus when they have one)."""
     import torch
 
     inputs = adapter.encode(processor, images, prompts, device, dtype, padding_side, family_name=stage_map.family)
@@ -373,8 +463,14 @@ def _one_batch(
     # No KV cache unless multi-token names continue it: building one raises the peak memory.
     continued = left_padded and not single_token(continuations) and continues_cache(stage_map.family, model)
     caching = {"use_cache": True} if continued and no_cache(model) else no_cache(model)
-    out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)
+    try:
+        out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)
+        hooks.swallowed = hooks.stopped  # raised, yet the forward returned: the model caught it
+    except _StopForward:
+        out = None  # the hook of the last needed locus ended the forward
     hooks.end_batch()
+    if not answer:
+        return None, None
     cache = cache_of(out) if continued else None
     if left_padded:
         last_logits = out.logits[:, -1]

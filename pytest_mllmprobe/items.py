@@ -284,8 +284,21 @@ def model_summary(result: Any) -> dict[str, Any]:
         "random_init": random_init_line(result),
         "lens": lens_line(result),
         "invariance": invariance_line(result),
+        "selection": selection_lines(result),
         **changes_lines(result),
     }
+
+
+def selection_lines(result: Any) -> list[str]:
+    """What a run of selected tests left out or could not leave out, and why (empty: a full run)."""
+    selection = getattr(result, "selection", None) or {}
+    lines = list(selection.get("notes") or [])
+    if selection.get("reason"):
+        lines.append(selection["reason"])
+    pooled, cached = result.timings.get("pooled_loci"), result.timings.get("cached_loci")
+    if cached and pooled:
+        lines.append(f"features: {int(cached)} loci from the cache, {int(pooled)} extracted")
+    return lines
 
 
 def uncertainty_line(result: Any) -> str | None:

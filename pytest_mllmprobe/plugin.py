@@ -393,6 +393,36 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         items.extend(new)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Tell the engine which tests of each model were selected (``-k``, ``-m``, node ids,
+    ``--lf``: ``session.items`` is final here, in every xdist worker too): only the loci they
+    read are extracted. A model with no selected test is never evaluated, so never loaded."""
+    evaluator = session.config.stash.get(_Keys.evaluator, None)
+    if evaluator is None:
+        return
+    from .items import ModelNode, ProbeItem
+
+    chosen: dict[str, set[str]] = {}
+    reason = None
+    for item in session.items:
+        if isinstance(item, ProbeItem) and isinstance(item.parent, ModelNode):
+            chosen.setdefault(item.parent.name, set()).add(item.name)
+        elif "mllm_results" in getattr(item, "fixturenames", ()):
+            reason = f"{item.nodeid} reads mllm_results, which holds every locus"
+    config = session.config
+    report = config.getoption("mllm_report") or config.getini("mllm_report")
+    if reason is None and report:
+        from .selection import whole_model_reason
+
+        reason = whole_model_reason(evaluator.plan.settings, report)
+    try:
+        for model_plan in evaluator.plan.models:
+            label = model_plan.spec.label
+            evaluator.select(label, None if reason and label not in chosen else chosen.get(label, set()), reason)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Attach the item's figures to its report, so they travel to the xdist controller too."""
@@ -762,6 +792,8 @@ class ProbeReporter:
             for key in ("lens", "invariance"):
                 if summary.get(key):
                     tr.write_line(f"  {summary[key]}")
+            for line in summary.get("selection") or []:
+                tr.write_line(f"  {line}", yellow=True)
             if summary.get("memory"):
                 tr.write_line(f"  {summary['memory']}", yellow=True)
             healthy = summary["first_failing_stage"] is None

@@ -189,6 +189,9 @@ class ModelResult:
     random_init: dict[str, Any] | None = None
     #: which stages the fine-tune's weights changed (:mod:`pytest_mllmprobe.models.changes`)
     changes: dict[str, Any] | None = None
+    #: the tests judged and the loci read (:meth:`pytest_mllmprobe.selection.Selection.to_dict`):
+    #: ``full``, ``skipped`` (loci not extracted, because not selected), ``reason``, ``notes``
+    selection: dict[str, Any] | None = None
 
     @property
     def failing_stages(self) -> list[str]:
@@ -241,6 +244,7 @@ class ModelResult:
             "comparison": self.comparison,
             "answers": self.answers,
             "changed_stages": self.changes,
+            "selection": self.selection,
         }
 
 

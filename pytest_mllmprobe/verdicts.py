@@ -43,7 +43,9 @@ NON_FINITE_ANSWER = (
 
 
 def llm_layers(loci: dict[str, LocusResult]) -> int:
-    return len({n.split(".")[1] for n in loci if n.startswith("llm.")})
+    """Decoder layers: one past the deepest ``llm.<i>`` locus (every layer up to it is counted,
+    also where a partial run measured only some of them)."""
+    return 1 + max((int(n.split(".")[1]) for n in loci if n.startswith("llm.")), default=-1)
 
 
 def llm_readout(loci: dict[str, LocusResult]) -> str:
@@ -63,19 +65,34 @@ def stage_curves(loci: Any, consumed: tuple[int, ...], llm_entry: int = 0) -> di
     }
 
 
-def stage_figures(value: Any, loci: Any, consumed: tuple[int, ...], llm_entry: int, fed: str) -> dict[str, Any]:
+def stage_figures(value: Any, loci: Any, consumed: tuple[int, ...], llm_entry: int, fed: str,
+                  names: Any = None) -> dict[str, Any]:
     """Stage scores, transition ratios and dip ratios from ``value(locus)``: a number, or an
     array of bootstrap resamples (then every figure is an array).
 
     ``fed`` is the vision locus the connector reads best (chosen on the point estimates).
+    ``names``: every locus name of the model, where ``loci`` holds only some (a run of selected
+    tests); a figure that reads a locus not in ``loci`` is NaN.
     """
     from .health import feature_health_scores
 
-    curves = stage_curves(loci, consumed, llm_entry)
+    names = loci if names is None else names
+    curves = stage_curves(names, consumed, llm_entry)
+    if not all(n in loci for n in names if n != "lens" and not n.startswith("lens.")):
+        measured = value
+
+        def value(n: str) -> Any:  # noqa: F811 - the same reading, NaN where nothing was measured
+            if n in loci:
+                return measured(n)
+            shape = np.shape(measured(next(iter(loci)))) if len(loci) else ()
+            return np.full(shape, np.nan) if shape else float("nan")
 
     def fhs(names: list[str]) -> Any:
         stacked = np.stack([np.atleast_1d(np.asarray(value(n), dtype=np.float64)) for n in names], axis=1)
-        out = feature_health_scores(stacked)
+        if not all(n in loci for n in names):  # a curve not measured whole has no FHS
+            out = np.full(stacked.shape[0], np.nan)
+        else:
+            out = feature_health_scores(stacked)
         return out if np.ndim(value(names[0])) else float(out[0])
 
     def ratio(a: Any, b: Any) -> Any:
@@ -87,7 +104,7 @@ def stage_figures(value: Any, loci: Any, consumed: tuple[int, ...], llm_entry: i
         return np.min(np.stack([np.asarray(value(n), dtype=np.float64) for n in names]), axis=0)
 
     p_c = value("connector")
-    n_llm = llm_layers(loci)
+    n_llm = llm_layers(names)
     scores = {
         "FHS_V": fhs(curves["vision"]),
         "FHS_C": fhs(["connector"]),
@@ -110,18 +127,23 @@ SCORE_KEYS = ("FHS_V", "FHS_C", "FHS_L", "FHS_L_last", "P_final")
 
 
 def stage_scores(
-    loci: dict[str, LocusResult], consumed: tuple[int, ...], metric: str, llm_entry: int = 0
+    loci: dict[str, LocusResult], consumed: tuple[int, ...], metric: str, llm_entry: int = 0,
+    names: Any = None,
 ) -> dict[str, float]:
     """FHS per stage and ``P_final``; FHS_V runs up to the deepest layer the connector reads,
-    FHS_L from ``llm_entry`` (the first layer that can carry the image) to the last."""
+    FHS_L from ``llm_entry`` (the first layer that can carry the image) to the last. ``names``:
+    every locus name, where ``loci`` holds only the selected tests' (a figure not measured whole
+    is NaN)."""
     figures = stage_figures(lambda n: loci[n].metric(metric), loci, consumed, llm_entry,
-                            fed_locus(loci, consumed, metric))
+                            fed_locus(loci, consumed, metric), names)
     return {k: figures[k] for k in SCORE_KEYS}
 
 
 def fed_locus(loci: Any, consumed: tuple[int, ...], metric: str) -> str:
-    """The consumed vision layer that scores best: the one the connector rule compares with."""
-    return f"vision.{max(consumed, key=lambda i: loci[f'vision.{i}'].metric(metric))}"
+    """The consumed vision layer that scores best: the one the connector rule compares with
+    (among those measured, where a run measured only some)."""
+    measured = [i for i in consumed if f"vision.{i}" in loci] or list(consumed)
+    return f"vision.{max(measured, key=lambda i: loci[f'vision.{i}'].metric(metric) if f'vision.{i}' in loci else 0.0)}"
 
 
 def judge(
@@ -132,8 +154,13 @@ def judge(
     llm_entry: int = 0,
     intervals: dict[str, tuple[float, float]] | None = None,
     invariance: dict[str, Any] | None = None,
+    stages: Any = None,
 ) -> dict[str, Verdict]:
     """One verdict per locus test and per stage rule, in pipeline order.
+
+    ``loci`` may hold only the selected tests' loci: each gets its verdict, and only the stage
+    rules in ``stages`` (default: all) are judged; they must find every locus they read
+    (:func:`pytest_mllmprobe.selection.stage_reads`).
 
     ``intervals`` holds the bootstrap intervals of the stage figures (:func:`stage_figures`'
     keys); each check carries the interval of its figure where there is one. The logit lens
@@ -147,9 +174,11 @@ def judge(
         if name.startswith(LENS_PREFIX):
             continue
         verdicts[name] = Verdict(name, locus.stage, name, tuple(_locus_checks(locus, thresholds)))
-    stage_checks = _stage_checks(loci, scores, consumed, thresholds, metric, llm_entry, intervals or {})
-    stage_checks["answer"] += lens_check(loci, metric, thresholds, intervals or {})
-    stage_checks["answer"] += consistency_checks(invariance or {}, thresholds)
+    wanted = ("vision", "connector", "llm", "answer") if stages is None else tuple(stages)
+    stage_checks = _stage_checks(loci, scores, consumed, thresholds, metric, llm_entry, intervals or {}, wanted)
+    if "answer" in stage_checks:
+        stage_checks["answer"] += lens_check(loci, metric, thresholds, intervals or {})
+        stage_checks["answer"] += consistency_checks(invariance or {}, thresholds)
     for stage, checks in stage_checks.items():
         test = f"stage.{stage}"
         verdicts[test] = Verdict(test, stage, _stage_locus(stage, loci, consumed), tuple(checks))
@@ -269,72 +298,81 @@ def _dip_check(stage: str, names: list[str], loci: dict[str, LocusResult], metri
 
 def _stage_checks(loci: dict[str, LocusResult], scores: dict[str, float], consumed: tuple[int, ...],
                   thresholds: Any, metric: str, llm_entry: int, intervals: dict[str, tuple[float, float]],
+                  wanted: tuple[str, ...] = ("vision", "connector", "llm", "answer"),
                   ) -> dict[str, list[Check]]:
     src = thresholds.stage_source
-    fed = fed_locus(loci, consumed, metric)
-    fed_value = loci[fed].metric(metric)
-    p_c = loci["connector"].metric(metric)
+    checks: dict[str, list[Check]] = {s: [] for s in ("vision", "connector", "llm", "answer") if s in wanted}
+    if "vision" in checks or "connector" in checks:
+        fed = fed_locus(loci, consumed, metric)
+        fed_value = loci[fed].metric(metric)
+    if "connector" in checks or "llm" in checks:
+        p_c = loci["connector"].metric(metric)
     n_llm = llm_layers(loci)
     curves = stage_curves(loci, consumed, llm_entry)
-    checks: dict[str, list[Check]] = {s: [] for s in ("vision", "connector", "llm", "answer")}
 
-    min_fhs = thresholds.stage("vision", "min_fhs")
-    if min_fhs is not None:
-        checks["vision"].append(Check(
-            rule="min_fhs", metric="FHS_V", value=scores["FHS_V"], threshold=min_fhs,
-            passed=scores["FHS_V"] >= min_fhs, explanation=f"FHS_V >= {min_fhs:g}",
-            source=src("vision", "min_fhs"), locus=f"vision.{max(consumed)}", interval=intervals.get("FHS_V"),
-        ))
-    end_min = thresholds.stage("vision", "min_end_above_chance")
-    if end_min is not None:
-        chance = loci[fed].chance[metric]
-        needed = chance + end_min * (1 - chance)
-        checks["vision"].append(Check(
-            rule="min_end_above_chance", metric=metric, value=fed_value, threshold=needed,
-            passed=fed_value >= needed, interval=loci[fed].interval(metric),
-            explanation=(
-                f"P({fed}, the layer the connector reads) >= chance + {end_min:g} x "
-                f"(1 - chance) = {chance:.3f} + {end_min:g} x {1 - chance:.3f}"
-            ),
-            source=src("vision", "min_end_above_chance"), locus=fed,
-        ))
-    checks["vision"] += _dip_check("vision", curves["vision"], loci, metric, thresholds.stage("vision", "min_dip_ratio"),
-                                   src("vision", "min_dip_ratio"), intervals.get("dip/vision"))
-    checks["vision"] += selectivity_check(loci[fed], metric, thresholds.stage("vision", "min_selectivity"),
-                                          src("vision", "min_selectivity"))
-    checks["connector"] += _ratio_check(
-        "min_keep", metric, p_c, thresholds.stage("connector", "min_keep"), fed_value,
-        "P(connector)", f"P({fed})", src("connector", "min_keep"), "connector",
-        intervals.get("connector/vision"), loci["connector"].interval(metric),
-    )
-    checks["connector"] += selectivity_check(loci["connector"], metric, thresholds.stage("connector", "min_selectivity"),
-                                             src("connector", "min_selectivity"))
-    readout = llm_readout(loci)
-    entry = f"llm.{llm_entry}.{readout}"
-    checks["llm"] += _ratio_check(
-        "min_keep", metric, loci[entry].metric(metric), thresholds.stage("llm", "min_keep"),
-        p_c, f"P({entry})", "P(connector)", src("llm", "min_keep"), entry,
-        intervals.get("llm/connector"), loci[entry].interval(metric),
-    )
-    fhs_ratio = thresholds.stage("llm", "min_fhs_ratio")
-    if fhs_ratio is not None:
-        checks["llm"] += _ratio_check(
-            "min_fhs_ratio", "FHS_L", scores["FHS_L"], fhs_ratio, p_c,
-            f"FHS_L ({readout} readout" + (f", llm.{llm_entry} on)" if llm_entry else ")"), "P(connector)",
-            src("llm", "min_fhs_ratio"), f"llm.{n_llm - 1}.{readout}",
-            intervals.get("FHS_L/connector"), intervals.get("FHS_L"),
+    if "vision" in checks:
+        min_fhs = thresholds.stage("vision", "min_fhs")
+        if min_fhs is not None:
+            checks["vision"].append(Check(
+                rule="min_fhs", metric="FHS_V", value=scores["FHS_V"], threshold=min_fhs,
+                passed=scores["FHS_V"] >= min_fhs, explanation=f"FHS_V >= {min_fhs:g}",
+                source=src("vision", "min_fhs"), locus=f"vision.{max(consumed)}", interval=intervals.get("FHS_V"),
+            ))
+        end_min = thresholds.stage("vision", "min_end_above_chance")
+        if end_min is not None:
+            chance = loci[fed].chance[metric]
+            needed = chance + end_min * (1 - chance)
+            checks["vision"].append(Check(
+                rule="min_end_above_chance", metric=metric, value=fed_value, threshold=needed,
+                passed=fed_value >= needed, interval=loci[fed].interval(metric),
+                explanation=(
+                    f"P({fed}, the layer the connector reads) >= chance + {end_min:g} x "
+                    f"(1 - chance) = {chance:.3f} + {end_min:g} x {1 - chance:.3f}"
+                ),
+                source=src("vision", "min_end_above_chance"), locus=fed,
+            ))
+        checks["vision"] += _dip_check("vision", curves["vision"], loci, metric,
+                                       thresholds.stage("vision", "min_dip_ratio"),
+                                       src("vision", "min_dip_ratio"), intervals.get("dip/vision"))
+        checks["vision"] += selectivity_check(loci[fed], metric, thresholds.stage("vision", "min_selectivity"),
+                                              src("vision", "min_selectivity"))
+    if "connector" in checks:
+        checks["connector"] += _ratio_check(
+            "min_keep", metric, p_c, thresholds.stage("connector", "min_keep"), fed_value,
+            "P(connector)", f"P({fed})", src("connector", "min_keep"), "connector",
+            intervals.get("connector/vision"), loci["connector"].interval(metric),
         )
-    checks["llm"] += _dip_check("llm", curves["llm"], loci, metric, thresholds.stage("llm", "min_dip_ratio"),
-                                src("llm", "min_dip_ratio"), intervals.get("dip/llm"))
-    last_main = f"llm.{n_llm - 1}.{readout}"
-    checks["llm"] += selectivity_check(loci[last_main], metric, thresholds.stage("llm", "min_selectivity"),
-                                       src("llm", "min_selectivity"))
-    last = loci[f"llm.{n_llm - 1}.last"].metric(metric)
-    checks["answer"] += _ratio_check(
-        "min_keep", metric, scores["P_final"], thresholds.stage("answer", "min_keep"), last,
-        "P_final", f"P(llm.{n_llm - 1}.last)", src("answer", "min_keep"), "answer",
-        intervals.get("answer/llm"), intervals.get("P_final"),
-    )
+        checks["connector"] += selectivity_check(loci["connector"], metric,
+                                                 thresholds.stage("connector", "min_selectivity"),
+                                                 src("connector", "min_selectivity"))
+    if "llm" in checks:
+        readout = llm_readout(loci)
+        entry = f"llm.{llm_entry}.{readout}"
+        checks["llm"] += _ratio_check(
+            "min_keep", metric, loci[entry].metric(metric), thresholds.stage("llm", "min_keep"),
+            p_c, f"P({entry})", "P(connector)", src("llm", "min_keep"), entry,
+            intervals.get("llm/connector"), loci[entry].interval(metric),
+        )
+        fhs_ratio = thresholds.stage("llm", "min_fhs_ratio")
+        if fhs_ratio is not None:
+            checks["llm"] += _ratio_check(
+                "min_fhs_ratio", "FHS_L", scores["FHS_L"], fhs_ratio, p_c,
+                f"FHS_L ({readout} readout" + (f", llm.{llm_entry} on)" if llm_entry else ")"), "P(connector)",
+                src("llm", "min_fhs_ratio"), f"llm.{n_llm - 1}.{readout}",
+                intervals.get("FHS_L/connector"), intervals.get("FHS_L"),
+            )
+        checks["llm"] += _dip_check("llm", curves["llm"], loci, metric, thresholds.stage("llm", "min_dip_ratio"),
+                                    src("llm", "min_dip_ratio"), intervals.get("dip/llm"))
+        last_main = f"llm.{n_llm - 1}.{readout}"
+        checks["llm"] += selectivity_check(loci[last_main], metric, thresholds.stage("llm", "min_selectivity"),
+                                           src("llm", "min_selectivity"))
+    if "answer" in checks:
+        last = loci[f"llm.{n_llm - 1}.last"].metric(metric)
+        checks["answer"] += _ratio_check(
+            "min_keep", metric, scores["P_final"], thresholds.stage("answer", "min_keep"), last,
+            "P_final", f"P(llm.{n_llm - 1}.last)", src("answer", "min_keep"), "answer",
+            intervals.get("answer/llm"), intervals.get("P_final"),
+        )
     return checks
 
 

@@ -1,6 +1,6 @@
 """A pytest plugin for the torch.distributed tests, loaded with ``-p tests.rank_faults``.
 
-``RANK_RECORD=<folder>``: every rank writes the images it extracted (``rank<R>.json``).
+``RANK_RECORD=<folder>``: every rank writes the images and loci it extracted last (``rank<R>.json``).
 ``RANK_FAULT=raise``: rank 1's extraction raises a ConfigError (bad input on its shard).
 ``RANK_FAULT=exit``: rank 1 dies in its extraction (``os._exit``), as a killed process would.
 """
@@ -17,18 +17,20 @@ from pytest_mllmprobe.errors import ConfigError
 _extract = engine.ModelRun.extract
 
 
-def _planted(self, loaded, prompt, rows=None):  # type: ignore[no-untyped-def]
+def _planted(self, loaded, prompt, need=None, rows=None):  # type: ignore[no-untyped-def]
     rank = os.environ.get("RANK", "0")
     fault = os.environ.get("RANK_FAULT", "")
     if rank == "1" and fault == "raise":
         raise ConfigError(f"planted: image {rows[0]} of rank 1's shard cannot be read")
     if rank == "1" and fault == "exit":
         os._exit(9)
-    features = _extract(self, loaded, prompt, rows)
+    features = _extract(self, loaded, prompt, need, rows)
     record = os.environ.get("RANK_RECORD")
     if record:
         shown = rows if rows is not None else range(len(self.dataset))
-        Path(record, f"rank{rank}.json").write_text(json.dumps([shown.start, shown.stop]))
+        Path(record, f"rank{rank}.json").write_text(json.dumps(
+            {"rows": [shown.start, shown.stop], "loci": sorted(features.loci),
+             "answer": features.answer_scores is not None}))
     return features
 
 

@@ -85,6 +85,27 @@ def test_seed_spread_benchmark_runs(tmp_path: Path) -> None:
     assert "one split (0.3)" in done.stdout and "5 folds (default)" in done.stdout
 
 
+def test_selection_benchmark_runs_in_ci_size(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_selection.py"), "--size", "ci", "--threads", "1",
+         "--workdir", str(tmp_path), "--json", str(tmp_path / "runs.json")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = _json_line(done.stdout)
+    assert summary["size"] == "ci" and summary["threads"] == 1 and summary["target"] == 1.1
+    for line in ("bare forward", "vision tower (bare, stopped)", "engine, -k vision", "vision_select_over_vision_share"):
+        assert line in done.stdout
+    runs = {mode: found[0] for mode, found in json.loads((tmp_path / "runs.json").read_text())["trials"].items()}
+    chosen = runs["select"]
+    # the ci model: 2 vision blocks; -k vision reads them and nothing past the vision tower
+    assert chosen["loci"] == ["vision.0", "vision.1"] and chosen["decoder_calls"] == summary["decoder_calls"] == 0
+    assert chosen["tests"] == ["stage.vision", "vision.0", "vision.1"] and chosen["skipped"][-1] == "answer"
+    assert summary["vision_select_over_vision_share"] == round(chosen["forward_s"] / runs["vision"]["forward_s"], 4)
+    assert summary["vision_share_of_bare"] == round(runs["vision"]["forward_s"] / runs["bare"]["forward_s"], 4)
+    assert 0 < summary["vision_share_of_bare"] and math.isfinite(summary["vision_select_over_bare"])
+
+
 def test_distributed_benchmark_runs_in_ci_size(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_distributed.py"), "--size", "ci", "--workdir", str(tmp_path),

@@ -81,7 +81,7 @@ def test_two_ranks_split_the_images_and_give_the_one_process_results(two_ranks) 
     assert one.returncode == 0, one.stdout + one.stderr
     assert two.returncode == 0, two.stdout[-4000:] + two.stderr[-4000:]
     # each rank extracted its own half, in whole batches of 8: 10 batches and 9
-    spans = {r: json.loads((where / "record" / f"rank{r}.json").read_text()) for r in (0, 1)}
+    spans = {r: json.loads((where / "record" / f"rank{r}.json").read_text())["rows"] for r in (0, 1)}
     assert spans == {0: [0, 80], 1: [80, 150]}
     assert _results(where / "two") == _results(where / "one")
     model = _results(where / "two")["models"]["demo"]
@@ -100,6 +100,17 @@ def test_only_rank_0_reports(two_ranks) -> None:
         return sorted((c.get("name"), c.find("failure") is None) for c in root.iter("testcase"))
 
     assert cases("two.xml") == cases("one.xml") and len(cases("two.xml")) == 18
+
+
+def test_a_selection_is_extracted_alike_on_every_rank(tmp_path: Path) -> None:
+    """``-k vision`` under torchrun: rank 0 sends the loci to extract; rank 1 pools the same."""
+    done = _torchrun(tmp_path, 2, "--mllm-model=demo", "-k", "vision", RANK_RECORD=str(tmp_path))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    found = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert found[0]["loci"] == found[1]["loci"] == ["vision.0", "vision.1", "vision.2", "vision.3"]
+    assert not found[0]["answer"] and not found[1]["answer"]
+    assert found[1]["rows"] == [80, 150]
+    assert "5 passed" in done.stdout  # 4 vision loci and the vision stage rule
 
 
 def test_python_api_under_torchrun_returns_the_results_on_rank_0(tmp_path: Path) -> None:

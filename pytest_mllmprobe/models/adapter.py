@@ -35,6 +35,10 @@ class ModelAdapter:
 
     #: module paths that replace detection (``--mllm-stages`` and threshold files still win)
     stages: ClassVar[dict[str, str]] = {}
+    #: whether a forward may be ended early, by an exception from the hook of the last locus a
+    #: selection of tests needs (:mod:`pytest_mllmprobe.selection`); ``False`` for a model whose
+    #: forward must run to the end (it then does, with a note)
+    stops_early: ClassVar[bool] = True
 
     def __init__(self, source: str = "", *, trust_remote_code: bool = False) -> None:
         self.source = str(source)

@@ -103,26 +103,43 @@ def _hooks(model: Any, capture: list[str], perturb: str | None, store: dict[str,
             handle.remove()
 
 
+class _Stop(BaseException):
+    """Ends a check's forward before the language model (a selection that never runs it)."""
+
+
 def _run(model: Any, inputs: dict[str, Any], capture: list[str], perturb: str | None = None,
-         inputs_of: tuple[str, ...] = ()) -> dict[str, Any]:
+         inputs_of: tuple[str, ...] = (), stop_before: str | None = None) -> dict[str, Any]:
     import torch
 
+    def stop(*_: Any) -> None:
+        raise _Stop
+
     store: dict[str, Any] = {}
-    with _hooks(model, capture, perturb, store, tuple(inputs_of)), torch.inference_mode():
-        model(**inputs, **no_cache(model))
+    handle = model.get_submodule(stop_before).register_forward_pre_hook(stop, prepend=True) if stop_before else None
+    try:
+        with _hooks(model, capture, perturb, store, tuple(inputs_of)), torch.inference_mode():
+            model(**inputs, **no_cache(model))
+    except _Stop:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
     return store
 
 
-def check_data_flow(model: Any, stage_map: Any, inputs: dict[str, Any]) -> None:
+def check_data_flow(model: Any, stage_map: Any, inputs: dict[str, Any], language_model: bool = True) -> None:
     """Raise :class:`ConfigError` unless vision -> connector -> language model is the data flow.
 
-    ``inputs``: the forward's arguments for one image (position ids included).
+    ``inputs``: the forward's arguments for one image (position ids included). Without
+    ``language_model`` (a selection that reads no decoder layer) the forwards stop before the
+    first decoder layer: checks 1 and 3 only.
     """
     vision = stage_map.vision_layers[max(stage_map.consumed_vision_layers)]
     connector = stage_map.connector
     entry = stage_map.llm_layers[stage_map.llm_entry]
     read = _reader(stage_map, inputs)
-    base = _run(model, inputs, [connector, entry], inputs_of=(connector,))
+    stop = None if language_model else stage_map.llm_layers[0]
+    base = _run(model, inputs, [connector, entry], inputs_of=(connector,), stop_before=stop)
     if connector not in base:
         raise ConfigError(
             f"stage map check: the connector {connector!r} did not run during the forward pass; "
@@ -130,15 +147,15 @@ def check_data_flow(model: Any, stage_map: Any, inputs: dict[str, Any]) -> None:
         )
     # what the connector is fed, not what it emits: a dead (all-zero) projection is a finding of
     # the probes, not a wrong map
-    from_vision = _run(model, inputs, [], perturb=vision, inputs_of=(connector,))
+    from_vision = _run(model, inputs, [], perturb=vision, inputs_of=(connector,), stop_before=stop)
     if not _changed(base[connector + "<"], from_vision.get(connector + "<")):
         raise ConfigError(
             f"stage map check: the connector {connector!r} is not fed by the vision encoder: noise on the "
             f"output of {vision} (the vision block it should read) leaves its inputs unchanged. "
             + _suggestion(model, stage_map, inputs, read)
         )
-    into_llm = _run(model, inputs, [entry], perturb=connector)
-    if not _changed(read(base.get(entry)), read(into_llm.get(entry))):
+    into_llm = _run(model, inputs, [entry], perturb=connector) if language_model else None
+    if into_llm is not None and not _changed(read(base.get(entry)), read(into_llm.get(entry))):
         where = "last-token state" if stage_map.llm_readouts == ("last",) else "states at the image tokens"
         raise ConfigError(
             f"stage map check: the language model does not read the connector {connector!r}: noise on its "
