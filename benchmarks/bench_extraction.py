@@ -21,7 +21,7 @@ read through a dataset YAML whose ``display_names`` take 2, 3 and 4 tokens (:dat
 and three more runs are measured side by side with the single-token ones:
 
 * ``lean-multi`` -- the lean bare forward over the (longer) multi-token prompt: the floor.
-* ``full-multi`` -- the engine; the class names continue each batch's KV cache.
+* ``full-multi`` -- the engine; the class names continue each batch's KV cache, one at a time.
 * ``full-multi-per-class`` -- the engine with the cache continuation switched off: one more full
   forward per multi-token class and batch (the path before issue 17, still the fallback).
 
@@ -120,42 +120,52 @@ def run_bare(args: argparse.Namespace, lean: bool = False) -> dict[str, Any]:
     the_plan = _plan(args)
     loaded, load_s = _load(the_plan, args)
     extra = {**no_cache(loaded.model), "logits_to_keep": 1} if lean else {}
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, system = time.perf_counter(), time.process_time(), _sys_s()
     with torch.inference_mode():
         for _, inputs in _batches(the_plan, loaded, args.batch_size):
             loaded.model(**inputs, **extra)
     _sync(loaded.device)
-    return {"load_s": load_s, "forward_s": time.perf_counter() - start, "forward_cpu_s": time.process_time() - cpu}
+    return {"load_s": load_s, "forward_s": time.perf_counter() - start, "forward_cpu_s": time.process_time() - cpu,
+            "forward_sys_s": _sys_s() - system}
+
+
+def _sys_s() -> float:
+    """System CPU seconds of this process so far (page faults on fresh memory show up here)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def _cpu_timed(module: Any, name: str, into: dict[str, float]) -> None:
-    """Wrap ``module.name`` to add its process CPU seconds to ``into[name]``."""
+    """Wrap ``module.name`` to add its process CPU seconds to ``into[name]`` (the system part of
+    them to ``into[name + "_sys"]``)."""
     original = getattr(module, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        cpu = time.process_time()
+        cpu, system = time.process_time(), _sys_s()
         try:
             return original(*args, **kwargs)
         finally:
             into[name] = into.get(name, 0.0) + time.process_time() - cpu
+            into[name + "_sys"] = into.get(name + "_sys", 0.0) + _sys_s() - system
 
     setattr(module, name, timed)
 
 
 def _cache_bytes(cache: Any) -> int:
-    """Bytes of every layer's keys and values in a transformers cache."""
-    total = 0
+    """Bytes held by every layer's keys and values in a transformers cache (the storage under
+    them: a view of a larger buffer counts the whole buffer, once)."""
+    storages: dict[int, int] = {}
     for layer in getattr(cache, "layers", ()):
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
-            if tensor is not None and hasattr(tensor, "numel"):
-                total += int(tensor.numel() * tensor.element_size())
-    return total
+            if tensor is not None and hasattr(tensor, "untyped_storage"):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = int(storage.nbytes())
+    return sum(storages.values())
 
 
 def _kv_measured(module: Any, into: dict[str, float]) -> None:
-    """Wrap ``module.scores_from_cache`` to keep the largest cache it grew (one batch's, repeated
-    over the classes and continued), in ``into["kv_cache_bytes"]``."""
+    """Wrap ``module.scores_from_cache`` to keep the largest cache it grew (one batch's, grown by
+    the class names' tokens), in ``into["kv_cache_bytes"]``."""
     original = module.scores_from_cache
 
     def measured(*args: Any, **kwargs: Any) -> Any:
@@ -178,6 +188,8 @@ def run_full(args: argparse.Namespace, per_class: bool = False) -> dict[str, Any
     _cpu_timed(probes, "fit_probes", cpu)
     kv: dict[str, float] = {}
     _kv_measured(extract, kv)
+    _cpu_timed(extract, "scores_from_cache", cpu)  # inside extract: the names' continuation
+    _cpu_timed(extract, "scores_by_continuation", cpu)  # the per-class path's extra forwards
     if per_class:
         answer.NO_CACHE_CONTINUATION = answer.NO_CACHE_CONTINUATION | {"llava"}
 
@@ -195,6 +207,8 @@ def run_full(args: argparse.Namespace, per_class: bool = False) -> dict[str, Any
         "plan_s": plan_s, "load_s": timings.get("load_s", 0.0), "forward_s": timings.get("extract_s", 0.0),
         "probe_s": timings.get("probe_s", 0.0), "evaluate_s": total_s, "timings": timings,
         "forward_cpu_s": cpu.get("extract", 0.0), "probe_cpu_s": cpu.get("fit_probes", 0.0),
+        "forward_sys_s": cpu.get("extract_sys", 0.0),
+        "answer_cpu_s": cpu.get("scores_from_cache", 0.0) + cpu.get("scores_by_continuation", 0.0),
         "loci": len(widths), "pooled_bytes": int(4 * n * sum(widths)), "n_images": n,
         "profile": getattr(result, "profile", None), "kv_cache_bytes": int(kv.get("kv_cache_bytes", 0)),
         "name_tokens": [len(c) for c in _continuations(the_plan, args)],
@@ -361,6 +375,7 @@ def _report_multi(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
         "multi_per_class_over_lean": per_class["forward_s"] / lean["forward_s"],
         "multi_per_class_over_full": per_class["forward_s"] / full["forward_s"],
         "cpu_multi_full_over_lean": full["forward_cpu_s"] / lean["forward_cpu_s"],
+        "cpu_multi_answer_over_lean": full.get("answer_cpu_s", 0.0) / lean["forward_cpu_s"],
         "multi_full_peak_rss_mb": full["peak_rss_mb"],
         "multi_kv_cache_mb": kv_mb,
         "multi_rss_budget_mb": budget,
@@ -369,13 +384,17 @@ def _report_multi(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
     if "full" in runs:
         ratios["multi_full_over_single_full"] = full["forward_s"] / runs["full"]["forward_s"]
     print(f"\nmulti-token class names {full['name_tokens']} tokens ({', '.join(MULTI_NAMES.values())})")
-    print(f"{'run':<22} {'load s':>7} {'forward s':>10} {'probes s':>9} {'peak RSS MB':>12} {'fwd CPU s':>10}")
+    print(f"{'run':<22} {'load s':>7} {'forward s':>10} {'probes s':>9} {'peak RSS MB':>12} {'fwd CPU s':>10} "
+          f"{'of it sys':>10} {'answer CPU s':>13}")
     named = (("bare, lean (multi)", lean), ("full, cache (multi)", full), ("full, per class (multi)", per_class))
     for name, run in named:
         probes = f"{run['probe_s']:.2f}" if "probe_s" in run else "-"
+        answer = f"{run['answer_cpu_s']:.2f}" if "answer_cpu_s" in run else "-"
+        system = f"{run['forward_sys_s']:.2f}" if "forward_sys_s" in run else "-"
         print(f"{name:<22} {run['load_s']:>7.2f} {run['forward_s']:>10.2f} {probes:>9} {run['peak_rss_mb']:>12.0f} "
-              f"{run['forward_cpu_s']:>10.2f}")
-    print(f"KV cache of one batch (repeated over the classes, continued): {kv_mb:.1f} MB; "
+              f"{run['forward_cpu_s']:>10.2f} {system:>10} {answer:>13}")
+    print("answer CPU s: the class names' continuations (cache) or extra full forwards (per class), inside fwd CPU s")
+    print(f"KV cache of one batch (grown by the names' tokens): {kv_mb:.1f} MB; "
           f"RSS budget (lean peak + 2x pooled + KV cache): {budget:.0f} MB")
     return ratios
 

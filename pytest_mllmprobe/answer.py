@@ -4,10 +4,11 @@ Each class name is scored as the continuation of the prompt: the sum of the log-
 of its tokens, divided by its number of tokens (length-normalised, so a long name is not
 penalised for having more tokens). The class with the highest score is the model's answer.
 Single-token names are scored from the logits of the extraction forward itself. Multi-token
-names continue that forward's KV cache (:func:`scores_from_cache`): the cache is repeated once
-per class and every class's remaining tokens go through the language model in one batched pass,
-so the image and the prompt are never run again. A family that cannot continue a cache
-(:data:`NO_CACHE_CONTINUATION`) runs one more full forward per class (:func:`scores_by_continuation`).
+names continue that forward's KV cache (:func:`scores_from_cache`): each name's remaining tokens
+go through the language model after the prompt's keys and values, one name at a time, and the
+cache is rewound to the prompt's after each, so the image and the prompt are never run again.
+A family that cannot continue a cache (:data:`NO_CACHE_CONTINUATION`) runs one more full forward
+per class (:func:`scores_by_continuation`).
 """
 
 from __future__ import annotations
@@ -127,61 +128,142 @@ def _cache_kwarg(model: Any) -> str:
     return _CACHE_KWARG[kind]
 
 
+class _Slots:
+    """One full-attention layer's keys and values with room for a class name after the prompt's.
+
+    The layer's ``update`` (an instance attribute: ``Cache.update`` calls it for this layer) writes
+    the name's keys and values into the room and returns views of the prompt's plus the name's;
+    :meth:`rewind` goes back to the prompt's. ``DynamicLayer.update`` would ``torch.cat`` the
+    layer's whole cache for every name instead.
+    """
+
+    def __init__(self, layer: Any, room: int) -> None:
+        self.layer, self.room, self.prompt = layer, room, layer.keys.shape[-2]
+        self.buffers: tuple[Any, ...] = ()
+        layer.update = self.update
+
+    def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        import torch
+
+        layer, end = self.layer, self.prompt + key_states.shape[-2]
+        if layer.keys.shape[-2] != self.prompt or end > self.prompt + self.room:
+            raise RuntimeError("a class name's continuation must start at the end of the prompt's cache")
+        if not self.buffers:  # the first name: the prompt's keys and values move into the buffers, once
+            self.buffers = tuple(
+                torch.cat([held, held.new_empty((*held.shape[:-2], self.room, held.shape[-1]))], dim=-2)
+                for held in (layer.keys, layer.values)
+            )
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[..., self.prompt:end, :].copy_(states)
+        layer.keys, layer.values = (buffer[..., :end, :] for buffer in self.buffers)
+        return layer.keys, layer.values
+
+    def rewind(self) -> None:
+        if self.buffers:
+            self.layer.keys, self.layer.values = (buffer[..., :self.prompt, :] for buffer in self.buffers)
+
+    def close(self) -> None:
+        self.layer.__dict__.pop("update", None)  # the class's update again, and no reference cycle
+
+
+class _Rewind:
+    """A prompt's KV cache that class names continue one at a time, rewound after each.
+
+    Full-attention layers (transformers' ``DynamicLayer``) get :class:`_Slots`; sliding-window
+    layers, whose ``update`` rebinds their attributes, get those attributes back; and a layer
+    that a continuation only reads (Mllama's cross-attention) is left as it is either way.
+    """
+
+    def __init__(self, cache: Any, room: int) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        self.slots: list[_Slots] = []
+        self.saved: list[tuple[Any, dict[str, Any]]] = []
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if type(layer) is DynamicLayer and keys is not None and keys.dim() == 4 and keys.shape[-2] > 0:
+                self.slots.append(_Slots(layer, room))
+            else:
+                self.saved.append((layer, dict(layer.__dict__)))
+
+    def rewind(self) -> None:
+        for slots in self.slots:
+            slots.rewind()
+        for layer, state in self.saved:
+            layer.__dict__.clear()
+            layer.__dict__.update(state)
+
+    def close(self) -> None:
+        for slots in self.slots:
+            slots.close()
+
+
+def rewindable(cache: Any) -> bool:
+    """Whether :func:`scores_from_cache` can continue ``cache`` and go back to the prompt's: a
+    transformers cache whose layers are all ``DynamicLayer`` or ``DynamicSlidingWindowLayer``
+    (their ``update`` rebinds tensors, never writes into them; static, quantised and
+    linear-attention layers do)."""
+    try:
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:
+        return False
+    layers = getattr(cache, "layers", None)
+    known = (DynamicLayer, DynamicSlidingWindowLayer)
+    return isinstance(layers, list) and all(type(layer) in known for layer in layers)
+
+
 def scores_from_cache(
     model: Any, inputs: dict[str, Any], continuations: list[list[int]], extra: dict[str, Any], cache: Any,
     last_logits: Any,
 ) -> Any:
     """``[B, K]`` length-normalised scores from the prompt's forward (left-padded inputs):
-    its last-position logits ``last_logits`` score every name's first token; the KV ``cache`` it
-    returned is repeated once per multi-token class, and their remaining tokens (right-padded to
-    the longest, padding masked) go through the model in ONE batched forward, without the image
-    inputs. Equals :func:`scores_by_continuation`. The cache is consumed (grown in place)."""
+    its last-position logits ``last_logits`` score every name's first token; each multi-token
+    name's remaining tokens continue the KV ``cache`` it returned, one name at a time and
+    without the image inputs, and the cache goes back to the prompt's after each (:class:`_Rewind`:
+    the prompt's keys and values are neither repeated nor copied per name). Equals
+    :func:`scores_by_continuation`, which a cache that cannot be rewound (:func:`rewindable`) falls
+    back to. The cache is consumed."""
     import torch
 
+    if not rewindable(cache):
+        return scores_by_continuation(model, inputs, continuations, extra)
     input_ids = inputs["input_ids"]
     mask = inputs["attention_mask"]
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     first = torch.log_softmax(last_logits.float(), dim=-1)
-    first = first[:, torch.tensor([c[0] for c in continuations], device=first.device)]
-    sums = first.clone()
+    sums = first[:, torch.tensor([c[0] for c in continuations], device=first.device)]
     longer = [k for k, c in enumerate(continuations) if len(c) > 1]
-    if longer:
-        k_count, length = len(longer), max(len(continuations[k]) for k in longer) - 1
-        fed = torch.zeros((k_count, length), dtype=input_ids.dtype, device=device)  # tokens 1..m-1 go in
-        target = torch.zeros((k_count, length), dtype=torch.long, device=device)  # tokens 2..m come out
-        real = torch.zeros((k_count, length), dtype=mask.dtype, device=device)
-        for row, k in enumerate(longer):
-            tokens = continuations[k]
-            fed[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], device=device)
-            target[row, : len(tokens) - 1] = torch.tensor(tokens[1:], device=device)
-            real[row, : len(tokens) - 1] = 1
-        rows = batch * k_count  # row b * k_count + j: image b, class longer[j]
-        cache.batch_repeat_interleave(k_count)
-        ids = fed.repeat(batch, 1)
-        full_mask = torch.cat([mask.repeat_interleave(k_count, dim=0), real.repeat(batch, 1)], dim=1)
-        kwargs: dict[str, Any] = {}
-        for key, value in inputs.items():
-            # per-token side inputs continue as in scores_by_continuation; image inputs stay out:
-            # the image is in the cache
-            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
-                continue
-            if value.shape[:2] != input_ids.shape:
-                continue
-            kwargs[key] = _tail(model, key, value, length).repeat_interleave(k_count, dim=0)
-        positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_len:]
-        deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
-        if "position_ids" in extra:
-            kwargs["position_ids"] = positions
-        elif isinstance(deltas, torch.Tensor):  # multimodal rotary (Qwen, GLM): text after the image
-            delta = deltas.to(device).reshape(batch, -1)[:, :1].repeat_interleave(k_count, dim=0)
-            kwargs["position_ids"] = (positions + delta).unsqueeze(0).expand(3, rows, length)
-        out = model(input_ids=ids, attention_mask=full_mask, **{_cache_kwarg(model): cache}, **kwargs)
-        logp = torch.log_softmax(out.logits[:, -length:].float(), dim=-1)
-        del out
-        picked = logp.gather(-1, target.repeat(batch, 1).unsqueeze(-1)).squeeze(-1)
-        rest = (picked * real.repeat(batch, 1)).sum(dim=1).reshape(batch, k_count)
-        sums[:, longer] = sums[:, longer] + rest.to(sums.device)
+    deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    rewind = _Rewind(cache, max((len(continuations[k]) - 1 for k in longer), default=0))
+    try:
+        for k in longer:
+            fed, target = continuations[k][:-1], continuations[k][1:]  # tokens 1..m-1 go in, 2..m come out
+            length = len(fed)
+            ids = torch.tensor(fed, dtype=input_ids.dtype, device=device).expand(batch, -1)
+            full_mask = torch.cat([mask, mask.new_ones((batch, length))], dim=1)
+            kwargs: dict[str, Any] = {}
+            for key, value in inputs.items():
+                # per-token side inputs continue as in scores_by_continuation; image inputs stay out:
+                # the image is in the cache
+                if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+                    continue
+                if value.shape[:2] == input_ids.shape:
+                    kwargs[key] = _tail(model, key, value, length)
+            positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_len:]
+            if "position_ids" in extra:
+                kwargs["position_ids"] = positions
+            elif isinstance(deltas, torch.Tensor):  # multimodal rotary (Qwen, GLM): text after the image
+                delta = deltas.to(device).reshape(batch, -1)[:, :1]
+                kwargs["position_ids"] = (positions + delta).unsqueeze(0).expand(3, batch, length)
+            out = model(input_ids=ids, attention_mask=full_mask, **{_cache_kwarg(model): cache}, **kwargs)
+            logp = torch.log_softmax(out.logits[:, -length:].float(), dim=-1)
+            del out
+            picked = logp.gather(-1, torch.tensor(target, device=logp.device).expand(batch, -1).unsqueeze(-1))
+            sums[:, k] += picked.squeeze(-1).sum(dim=1).to(sums.device)
+            rewind.rewind()
+    finally:
+        rewind.close()
     counts = torch.tensor([len(c) for c in continuations], dtype=sums.dtype, device=sums.device)
     return sums / counts
 

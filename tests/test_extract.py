@@ -98,7 +98,7 @@ def test_multi_token_names_are_scored_as_whole_sequences(family_model, seven_ima
 
 def test_only_multi_token_names_build_a_kv_cache_and_continue_it(family_model, seven_images) -> None:
     # single-token names: nothing reads the cache, and building one costs every layer's keys and
-    # values; multi-token names: the extraction forward's cache is continued once for all classes
+    # values; multi-token names: the extraction forward's cache is continued, one class at a time
     from pytest_mllmprobe.answer import cache_of
 
     loaded, stage_map = family_model
@@ -115,8 +115,37 @@ def test_only_multi_token_names_build_a_kv_cache_and_continue_it(family_model, s
     finally:
         handle.remove()
     # one forward for single-token names; for multi-token ones the extraction forward (building
-    # the cache) and ONE continuation of it for both multi-token classes, without the image
-    assert seen == [(False, False, True), (True, True, True), ("absent", True, False)]
+    # the cache) and one continuation of it per multi-token class, without the image
+    assert seen == [(False, False, True), (True, True, True), ("absent", True, False), ("absent", True, False)]
+
+
+def test_the_continued_cache_is_freed_with_its_batch(family_model, seven_images, monkeypatch) -> None:
+    # the cache lives for one batch: once the batch is scored, nothing holds its layers (their
+    # keys and values, grown for the continuation) alive, not even a reference cycle
+    import gc
+    import weakref
+
+    from pytest_mllmprobe import extract as extract_module
+    from pytest_mllmprobe.answer import cache_of
+
+    loaded, stage_map = family_model
+    refs: list[weakref.ref] = []
+
+    def kept(output):
+        cache = cache_of(output)
+        refs.extend(weakref.ref(item) for item in [cache, *cache.layers])
+        return cache
+
+    monkeypatch.setattr(extract_module, "cache_of", kept)
+    names = ["benign", "malignant mass", "benign cyst"]
+    prompt = build_prompt(loaded.processor, names)
+    gc.collect()
+    gc.disable()
+    try:
+        _run(loaded, stage_map, seven_images[:4], [prompt] * 4, batch_size=2, names=names)
+        assert len(refs) > 2 and all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
 
 
 def test_no_cache_is_only_passed_to_a_forward_that_takes_it() -> None:
@@ -223,6 +252,31 @@ def test_cache_continuation_scores_equal_one_forward_per_class(family_model, sev
                             prompts, continuations, batch_size=2, device=loaded.device, dtype=loaded.dtype)
     np.testing.assert_allclose(extracted, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(variant, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_that_cannot_be_rewound_falls_back_to_one_forward_per_class(family_model, seven_images) -> None:
+    # the names continue the cache one at a time and rewind it; a cache whose layers write into
+    # their tensors (static, quantised) or that has no layers cannot be rewound: full forwards
+    import torch
+    from transformers.cache_utils import Cache, StaticLayer
+
+    from pytest_mllmprobe.answer import rewindable, scores_by_continuation, scores_from_cache
+    from pytest_mllmprobe.models.adapter import ModelAdapter
+
+    loaded, stage_map = family_model
+    names = ["normal", "benign cyst", "covid-positive"]
+    prompt = build_prompt(loaded.processor, names)
+    continuations = class_continuations(loaded.processor.tokenizer, prompt, names)
+    adapter = ModelAdapter()
+    inputs = adapter.encode(loaded.processor, seven_images[:2], [prompt] * 2, loaded.device, loaded.dtype, "left",
+                            family_name=stage_map.family)
+    with torch.inference_mode():
+        out = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+        reference = scores_by_continuation(loaded.model, inputs, continuations, {})
+        assert rewindable(out.past_key_values)
+        assert not rewindable(Cache(layers=[StaticLayer(max_cache_len=8)])) and not rewindable(object())
+        fallback = scores_from_cache(loaded.model, inputs, continuations, {}, object(), out.logits[:, -1])
+    np.testing.assert_allclose(fallback.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_remote_code_and_listed_families_keep_the_full_forward_per_class(family_model) -> None:
