@@ -35,8 +35,19 @@ from .settings import DIST_BACKENDS
 STOP, EXTRACT, RANDOM_INIT = 0, 1, 2
 #: bytes of a rank's failure message carried by the vote (longer ones are cut)
 MESSAGE_BYTES = 4000
-#: how long a rank waits in a collective for the others (torch's own default for gloo)
+#: how long a rank waits in the gather of the features, which every rank reaches together
+#: right after the vote (torch's own default for gloo)
 TIMEOUT = datetime.timedelta(minutes=30)
+#: how long the serving ranks wait for rank 0's next command, and every rank for the vote: rank 0
+#: may fit probes or generate answers for hours between two commands, and ranks finish their
+#: shards at different times. A rank that dies is noticed at once (its sockets close); only a
+#: live rank that hangs is waited for this long (a launcher's time limit usually comes first).
+CONTROL_TIMEOUT = datetime.timedelta(days=1)
+
+#: this process's own bookkeeping: the gloo group the commands and votes travel on, whether
+#: :func:`start` created the default group (only then does :func:`finish` destroy it), whether a
+#: serving rank got rank 0's STOP, and why the group was abandoned
+_STATE: dict[str, Any] = {"control": None, "started": False, "stopped": False, "broken": None}
 
 
 class RankFailed(RuntimeError):
@@ -64,6 +75,7 @@ class Group:
     def send(self, command: int, model: int = -1, answer: bool = False, mask: list[int] | None = None) -> None:
         """Rank 0: tell the serving ranks what to do next: ``command`` for model ``model``, the
         loci marked 1 in ``mask`` (the model's loci in sorted order) and the answer if ``answer``."""
+        check_intact()
         mask = list(mask or [])
         self._broadcast_ints([command, model, int(answer), len(mask)], "sending the next command")
         if mask:
@@ -71,17 +83,38 @@ class Group:
 
     def receive(self) -> tuple[int, int, bool, list[int]]:
         """A serving rank: rank 0's next command, ``(command, model index, answer, loci mask)``."""
+        check_intact()
         command, model, answer, length = self._broadcast_ints([0, 0, 0, 0], "waiting for rank 0's next command")
         mask = self._broadcast_ints([0] * length, "receiving the loci to extract") if length else []
+        if command == STOP:
+            _STATE["stopped"] = True
         return int(command), int(model), bool(answer), [int(v) for v in mask]
 
     def _broadcast_ints(self, values: list[int], what: str) -> list[int]:
         import torch
         import torch.distributed as dist
 
-        tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
-        _collective(what, lambda: dist.broadcast(tensor, src=0))
-        return tensor.cpu().tolist()
+        tensor = torch.tensor(values, dtype=torch.int64)
+        _collective(what, lambda: dist.broadcast(tensor, src=0, group=_control()))
+        return tensor.tolist()
+
+    def same(self, value: str, what: str) -> None:
+        """Every rank computed the same ``value`` (a hex digest); a rank that did not (other data
+        or model files on its node) is a :class:`ConfigError` on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.from_numpy(np.frombuffer(value.encode().ljust(128, b"\0")[:128], dtype=np.uint8).copy())
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        _collective(f"comparing {what} across ranks", lambda: dist.all_gather(every, mine, group=_control()))
+        found = [bytes(e.numpy()).rstrip(b"\0").decode() for e in every]
+        differ = [r for r, v in enumerate(found) if v != found[0]]
+        if differ:
+            raise ConfigError(
+                f"{what}: rank {differ[0]} of {self.world} does not see the same model, data and settings as "
+                f"rank 0 (key {found[differ[0]][:12]} against {found[0][:12]}): every node must read the same "
+                "files (a shared file system, or identical copies) and get the same options"
+            )
 
     # -- the vote and the gather ----------------------------------------------------------
     def vote(self, failure: BaseException | None, what: str) -> None:
@@ -97,10 +130,10 @@ class Group:
             mine[0] = 1
             mine[1] = 1 if isinstance(failure, ConfigError) else 0
             mine[2:2 + len(text)] = np.frombuffer(text, dtype=np.uint8)
-        local = torch.from_numpy(mine).to(self.device)
+        local = torch.from_numpy(mine)
         every = [torch.empty_like(local) for _ in range(self.world)]
-        _collective(f"the vote after {what}", lambda: dist.all_gather(every, local))
-        votes = [v.cpu().numpy() for v in every]
+        _collective(f"the vote after {what}", lambda: dist.all_gather(every, local, group=_control()))
+        votes = [v.numpy() for v in every]
         failed = [r for r, v in enumerate(votes) if v[0]]
         if not failed:
             return
@@ -121,35 +154,83 @@ class Group:
         longest = max(sizes)
         padded = np.zeros((longest, *rows.shape[1:]), dtype=rows.dtype)
         padded[: rows.shape[0]] = rows
-        local = torch.from_numpy(padded).to(self.device)
-        every = [torch.empty_like(local) for _ in range(self.world)]
-        _collective(f"gathering {what}", lambda: dist.all_gather(every, local))
+        every: list[Any] = []
+
+        def gather() -> None:  # the copies to the device too: an error there must not strand the others
+            local = torch.from_numpy(padded).to(self.device)
+            every.extend(torch.empty_like(local) for _ in range(self.world))
+            dist.all_gather(every, local)
+
+        _collective(f"gathering {what}", gather)
         return np.concatenate([e.cpu().numpy()[:size] for e, size in zip(every, sizes)])
 
     def smallest(self, value: int, what: str) -> int:
         import torch
         import torch.distributed as dist
 
-        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
-        _collective(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MIN))
+        tensor = torch.tensor([value], dtype=torch.int64)
+        _collective(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_control()))
         return int(tensor.item())
 
     @property
     def device(self) -> Any:
-        """Where collective tensors live: the CPU for gloo, this rank's GPU for NCCL."""
+        """Where the gathered features travel: the CPU for gloo, this rank's GPU for NCCL."""
         import torch
 
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+def _control() -> Any:
+    """The gloo group of the commands and votes (long timeout); the default group when this
+    process did not make one."""
+    return _STATE["control"]
 
 
 def _collective(what: str, call: Any) -> None:
+    """Run one collective. If it does not complete on this rank (a lost peer, or anything else
+    raised inside it: a pytest-timeout signal, out of memory), the ranks can no longer agree on
+    the next collective: the group is abandoned, so that the others stop at once too."""
     try:
         call()
-    except (RuntimeError, ConnectionError) as exc:  # gloo/NCCL report a lost peer as RuntimeError subclasses
-        raise RankLost(
-            f"torch.distributed: {what} failed: another rank died or stopped answering ({exc}); "
-            "see the other ranks' output for the cause"
-        ) from exc
+    except BaseException as exc:
+        abandon(f"{what} did not complete on this rank ({type(exc).__name__}: {exc})")
+        if isinstance(exc, (RuntimeError, ConnectionError)):  # gloo/NCCL report a lost peer so
+            raise RankLost(
+                f"torch.distributed: {what} failed: another rank died or stopped answering, or the "
+                f"collective itself failed ({exc}); see the other ranks' output for the cause"
+            ) from exc
+        raise
+
+
+def abandon(reason: str) -> None:
+    """Leave a group whose ranks no longer agree on the next collective: destroying it closes
+    this rank's connections, so the other ranks' pending collectives fail at once."""
+    if _STATE["broken"] is not None:
+        return
+    _STATE["broken"] = reason
+    import contextlib
+
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _STATE["control"] = None
+
+
+def check_intact() -> None:
+    """Raise :class:`RankLost` once the group was abandoned."""
+    if _STATE["broken"] is not None:
+        raise RankLost(f"torch.distributed: the process group was abandoned: {_STATE['broken']}")
+
+
+def broken() -> str | None:
+    return _STATE["broken"]
+
+
+def stopped() -> bool:
+    """A serving rank has received rank 0's STOP."""
+    return bool(_STATE["stopped"])
 
 
 def launched() -> bool:
@@ -175,11 +256,25 @@ def start(device: str, backend: str = "auto") -> Group | None:
     ``backend`` ``auto`` is NCCL when this rank uses a GPU, gloo otherwise; NCCL asked for a CPU
     run, or on a machine without CUDA, is a :class:`ConfigError`."""
     group = current()
-    if group is not None or not launched():
-        return group
+    if group is None and launched():
+        group = _init(device, backend)
+    if group is not None and _STATE["control"] is None:
+        import torch.distributed as dist
+
+        # every rank calls start(): the group of the commands and votes is made collectively
+        _STATE["control"] = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return group
+
+
+def _init(device: str, backend: str) -> Group | None:
     import torch
     import torch.distributed as dist
 
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"--mllm-device {device} under torchrun would put every rank on that GPU: use auto (or cuda), "
+            "and each rank takes its own GPU (cuda:LOCAL_RANK)"
+        )
     on_gpu = device != "cpu" and torch.cuda.is_available()
     if backend == "nccl" and not on_gpu:
         raise ConfigError(
@@ -189,7 +284,7 @@ def start(device: str, backend: str = "auto") -> Group | None:
         )
     chosen = backend if backend != "auto" else ("nccl" if on_gpu else "gloo")
     local_rank = _int_env("LOCAL_RANK", 0)
-    if chosen == "nccl":
+    if on_gpu:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"rank with LOCAL_RANK {local_rank} has no GPU of its own (torch sees "
@@ -204,24 +299,32 @@ def start(device: str, backend: str = "auto") -> Group | None:
             f"torch.distributed could not start the {chosen} process group ({exc}); launch with "
             "torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
         ) from exc
+    _STATE["started"] = True
     return current()
 
 
 def rank_device(device: str, group: Group | None) -> str:
-    """The device of this rank: ``auto``/``cuda`` become this rank's own GPU (``cuda:LOCAL_RANK``)."""
-    if group is None or group.backend != "nccl" or device not in ("auto", "cuda"):
+    """The device of this rank: ``auto``/``cuda`` become this rank's own GPU (``cuda:LOCAL_RANK``)
+    whenever there is a GPU, whatever the backend."""
+    if group is None or device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
         return device
     return f"cuda:{group.local_rank}"
 
 
 def finish() -> None:
-    """Leave the process group this module started (a no-op when there is none)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    """Leave the process group :func:`start` created (one the caller made is left alone)."""
+    if not _STATE["started"]:
         return
+    _STATE["started"] = False
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _STATE["control"] = None
 
 
 def shards(n: int, batch_size: int, world: int) -> list[range]:

@@ -309,8 +309,10 @@ class ModelRun:
         0 tells the serving ranks to do the same (``command``, for the loci of ``need``; default
         all), every rank votes on its part, and the features (the first item of ``local``'s
         result, or the result) are gathered in image order."""
-        from .distributed import current, shards
+        from .cache import extraction_key
+        from .distributed import RANDOM_INIT, check_intact, current, shards
 
+        check_intact()  # a group abandoned earlier in the session cannot extract anything more
         group = current()
         n = len(self.dataset)
         if group is None:
@@ -318,15 +320,21 @@ class ModelRun:
         if group.leader:
             index = next(i for i, m in enumerate(self.plan.models) if m is self.model_plan)
             group.send(command, index, *need_mask(self.model_plan.stage_map, need))
+        what = f"the extraction of {self.model_plan.spec.label!r}"
+        variant = f"random-init seed={self.settings.probe_seed}" if command == RANDOM_INIT else None
+        group.same(extraction_key(self.plan, self.model_plan, variant)[0], what)  # same files on every node
         parts = shards(n, self.settings.batch_size, group.world)
         failure, out = None, None
         try:
             out = local(parts[group.rank])
-        except Exception as exc:  # every rank learns of it from the vote
+        except BaseException as exc:  # every rank learns of it from the vote (a timeout or ^C too)
             failure = exc
-        what = f"the extraction of {self.model_plan.spec.label!r}"
         start = time.perf_counter()
-        group.vote(failure, what)  # also waits for the slowest rank
+        try:
+            group.vote(failure, what)  # also waits for the slowest rank
+        except BaseException:
+            out = None  # the traceback keeps this frame: let the loaded model go
+            raise
         voted = time.perf_counter()
         features = out[0] if isinstance(out, tuple) else out
         gathered = gather_features(group, features, [len(p) for p in parts], what)
@@ -716,8 +724,9 @@ def need_of(stage_map: StageMap, answer: bool, mask: list[int]) -> Need:
 def serve(the_plan: Plan, group: Any) -> None:
     """A rank other than 0: extract its shard of whatever model rank 0 asks for, until it says stop.
 
-    A failure of this rank's part is told to rank 0 by the vote (rank 0 reports it); a broken
-    collective (:class:`~.distributed.RankLost`) ends the loop with that error."""
+    A failure of this rank's part is told to rank 0 by the vote, and a rank that sees other files
+    than rank 0 is refused on every rank (rank 0 reports both); a broken collective
+    (:class:`~.distributed.RankLost`) ends the loop with that error."""
     from .distributed import EXTRACT, STOP, RankFailed
 
     while True:
@@ -732,7 +741,7 @@ def serve(the_plan: Plan, group: Any) -> None:
                 run.compute(need_of(model_plan.stage_map, answer, mask))
             else:
                 run.compute_random_init()
-        except RankFailed:
+        except (RankFailed, ConfigError):
             continue
         finally:
             from .extract import free_accelerator_memory

@@ -229,7 +229,7 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = join_ranks(config, settings)
         if serving_rank(config) is not None:  # under torchrun, rank 0 reports
             quiet_rank(config)
-        if not hasattr(config, "workerinput"):  # outputs are written by the controller only
+        if not hasattr(config, "workerinput") and serving_rank(config) is None:  # the writers only
             check_outputs(config, settings)
         config.stash[_Keys.settings] = settings
         config.stash[_Keys.sent] = set()
@@ -340,6 +340,11 @@ def quiet_rank(config: pytest.Config) -> None:
     if xml is not None:
         config.pluginmanager.unregister(xml)
         del config.stash[xml_key]
+    # pytest's cache: --lf/--nf/--sw bookkeeping is rank 0's (a serving rank would write back a stale copy)
+    for name in ("lfplugin", "nfplugin", "stepwiseplugin"):
+        plugin = config.pluginmanager.get_plugin(name)
+        if plugin is not None:
+            config.pluginmanager.unregister(plugin)
     terminal = config.pluginmanager.get_plugin("terminalreporter")
     if terminal is not None:
         sink = open(os.devnull, "w")  # noqa: SIM115 - closed with the session
@@ -365,7 +370,14 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         else:
             serve(evaluator.plan, group)
     except RankLost as exc:
-        pytest.exit(f"mllmprobe rank {group.rank}: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
+        import sys
+
+        message = f"mllmprobe rank {group.rank}: {exc}"
+        capman = session.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            sys.stderr.write(f"ERROR: {message}\n")  # this rank's terminal output goes nowhere
+            sys.stderr.flush()
+        pytest.exit(message, returncode=pytest.ExitCode.TESTS_FAILED)
     return True
 
 
@@ -711,10 +723,14 @@ class ProbeReporter:
         """
         group = self.config.stash.get(_Keys.group, None)
         if group is not None:
+            from .distributed import RankLost, broken, stopped
             from .engine import stop_serving
 
             stop_serving(group)
             if not group.leader:
+                if not stopped() and broken() is None:  # it never served (e.g. collection failed)
+                    with contextlib.suppress(RankLost):
+                        group.receive()  # rank 0's STOP: every rank takes part in every collective
                 return
         if self.usage_errors:  # a worker stopped the run on bad input: the run's exit code is 4
             session.exitstatus = pytest.ExitCode.USAGE_ERROR

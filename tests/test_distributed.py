@@ -153,22 +153,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_a_dying_rank_stops_rank_0_with_a_clear_error_and_nothing_written(tmp_path: Path) -> None:
-    """Launched without torchrun (as SLURM's srun would: the environment names the group):
-    rank 1 dies mid-extraction; rank 0 stops on the broken collective."""
-    common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", RANK_FAULT="exit")
-    command = [sys.executable, "-m", "pytest", *RUN, "--mllm-model=demo", "--mllm-report=report",
-               "--mllm-cache-dir=cache"]
-    ranks = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+@pytest.mark.parametrize("dying", [1, 0])
+def test_a_dying_rank_stops_the_others_with_a_clear_error_and_nothing_written(tmp_path: Path, dying: int) -> None:
+    """Launched without torchrun (as SLURM's srun would: the environment names the group), two
+    models: the first is evaluated, then a rank dies in the second one's extraction. The other
+    rank stops on the broken collective with a clear message (a serving rank's on stderr); no
+    report is written, though the first model's figures were complete, and no cache entry of the
+    second model."""
+    import shutil
+
+    from pytest_mllmprobe.demo import DEMO_DATA, DEMO_MODEL
+
+    # fresh file times: another model to the feature cache (a metadata-preserving copy shares demo's key)
+    shutil.copytree(DEMO_MODEL, tmp_path / "other", copy_function=shutil.copy)
+    common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", RANK_FAULT="exit",
+                  RANK_FAULT_RANK=str(dying), RANK_FAULT_MODEL="other")
+    command = [sys.executable, "-m", "pytest", *RUN, "--mllm-model=demo", "--mllm-model=other",
+               f"--mllm-data={DEMO_DATA}", "--mllm-report=report", "--mllm-cache-dir=cache"]
+    ranks = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(**common, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
-    out0, _ = ranks[0].communicate(timeout=600)
-    ranks[1].communicate(timeout=60)
-    assert ranks[1].returncode == 9
-    assert ranks[0].returncode == 1, out0
-    assert "torch.distributed: the vote after the extraction of 'demo' failed: another rank died" in out0
-    assert "Traceback" not in out0
+    outs = [rank.communicate(timeout=600) for rank in ranks]
+    survivor = 1 - dying
+    out, err = outs[survivor]
+    assert ranks[dying].returncode == 9, outs
+    assert ranks[survivor].returncode == 1, out + err
+    message = "torch.distributed: the vote after the extraction of 'other' failed: another rank died"
+    if survivor == 0:
+        assert message in out and "18 passed" in out  # the first model's tests ran
+        assert "wrote no baseline or report: a torch.distributed rank was lost during the run" in out
+    else:  # a serving rank's terminal is silent: its error goes to stderr
+        assert f"ERROR: mllmprobe rank 1: {message}" in err
+    assert "Traceback" not in out + err
     assert not (tmp_path / "report").exists()
-    assert not list((tmp_path / "cache").glob("*.npz"))
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # the first model's, written by rank 0 before
 
 
 def test_more_ranks_than_images_under_torchrun(tmp_path: Path) -> None:
