@@ -322,7 +322,11 @@ class ModelRun:
             group.send(command, index, *need_mask(self.model_plan.stage_map, need))
         what = f"the extraction of {self.model_plan.spec.label!r}"
         variant = f"random-init seed={self.settings.probe_seed}" if command == RANDOM_INIT else None
-        group.same(extraction_key(self.plan, self.model_plan, variant)[0], what)  # same files on every node
+        try:
+            key = extraction_key(self.plan, self.model_plan, variant)[0]
+        except Exception as exc:  # files missing on this node: still take part, and differ
+            key = f"unreadable {type(exc).__name__}"
+        group.same(key, what)  # the same model, data and settings on every node
         parts = shards(n, self.settings.batch_size, group.world)
         failure, out = None, None
         try:
