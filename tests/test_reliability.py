@@ -558,6 +558,11 @@ def test_a_timed_out_extraction_runs_once_and_says_what_timed_out(pytester: pyte
     pytest.importorskip("pytest_timeout")
     result = pytester.runpytest_subprocess(*_demo_args(pytester.path), "--timeout=0.2", *RUN)
     text = _text(result)
+    if _ret(result) == 0 and "Exception ignored" in text and "Failed: Timeout" in text:
+        # pytest-timeout's SIGALRM landed inside a weakref callback, where CPython can only print
+        # the exception ("Exception ignored"): the timeout never reached the run. Once more.
+        result = pytester.runpytest_subprocess(*_demo_args(pytester.path), "--timeout=0.2", *RUN)
+        text = _text(result)
     assert _ret(result) == 1, text
     outcomes = result.parseoutcomes()
     total = outcomes.get("failed", 0) + outcomes.get("passed", 0) + outcomes.get("errors", 0)
