@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extraction import PRESETS, RESULT, build  # noqa: E402  (the sibling script's builders)
+from bench_extraction import PRESETS, RESULT, interleaved, measured  # noqa: E402  (the sibling script's helpers)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -57,13 +55,8 @@ def measure(ranks: int, args: argparse.Namespace, model_dir: Path, data_dir: Pat
         command = [sys.executable, *script]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *script]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{ranks}-rank run failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    found = json.loads(lines[-1][len(RESULT):])
+    found = measured(command, f"{ranks}-rank", env={"OMP_NUM_THREADS": str(args.threads)})
     found["process_s"] = time.perf_counter() - start  # interpreter start and imports included
     return found
 
@@ -88,18 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "worker":
         worker(args)
         return
-    with tempfile.TemporaryDirectory(prefix="mllmprobe-bench-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        model_dir, data_dir = build(workdir, preset, args.images)
-        load_before = os.getloadavg()[0]
-        trials: dict[int, list[dict[str, Any]]] = {1: [], args.ranks: []}
-        for _ in range(args.repeats):
-            for ranks in trials:
-                trials[ranks].append(measure(ranks, args, model_dir, data_dir))
-        best = {ranks: min(found, key=lambda r: r["extraction_s"]) for ranks, found in trials.items()}
+    interleaved([1, args.ranks], args, preset, measure, report, key="extraction_s")
+
+
+def report(best: dict[int, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """The table of the fastest trial of each, and the speed-ups (one JSON line)."""
     one, many = best[1], best[args.ranks]
-    print(f"| run | load s | extraction s (rank 0 own / wait / gather) | whole run s |")
+    print("| run | load s | extraction s (rank 0 own / wait / gather) | whole run s |")
     print("|---|---|---|---|")
     for ranks, found in best.items():
         t = found["timings"]
@@ -112,12 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         "one_extraction_s": round(one["extraction_s"], 3), "ranks_extraction_s": round(many["extraction_s"], 3),
         "extraction_speedup": round(one["extraction_s"] / many["extraction_s"], 4),
         "whole_run_speedup": round(one["wall_s"] / many["wall_s"], 4),
-        "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
     }
     print(json.dumps(summary))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "trials": trials}, indent=1))
-
+    return summary
 
 if __name__ == "__main__":
     main()

@@ -304,19 +304,56 @@ def build(workdir: Path, preset: dict[str, Any], images: int) -> tuple[Path, Pat
     return model_dir, data_dir
 
 
-def measure(mode: str, args: argparse.Namespace, model_dir: Path, data_dir: Path) -> dict[str, Any]:
-    data = data_dir.parent / "data-multi.yaml" if mode in GROUPS["multi"] else data_dir
-    command = [
-        sys.executable, __file__, "--mode", mode, "--model", str(model_dir), "--data", str(data),
-        "--images", str(args.images), "--batch-size", str(args.batch_size), "--device", args.device,
-        "--dtype", args.dtype, *(["--threads", str(args.threads)] if args.threads else []),
-    ]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+def measured(command: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one measured subprocess; the figures of its last ``RESULT`` line (shared by the
+    benchmarks that import this one)."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{mode} run failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise SystemExit(f"{what} run failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(lines[-1][len(RESULT):])
+
+
+def mode_command(script: str, mode: str, args: argparse.Namespace, model_dir: Path, data: Path) -> list[str]:
+    """The command of one ``--mode`` run of ``script`` (this benchmark's options)."""
+    return [
+        sys.executable, script, "--mode", mode, "--model", str(model_dir), "--data", str(data),
+        "--images", str(args.images), "--batch-size", str(args.batch_size), "--device", args.device,
+        "--dtype", args.dtype, *(["--threads", str(args.threads)] if args.threads else []),
+    ]
+
+
+def measure(mode: str, args: argparse.Namespace, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+    data = data_dir.parent / "data-multi.yaml" if mode in GROUPS["multi"] else data_dir
+    return measured(mode_command(__file__, mode, args, model_dir, data), mode)
+
+
+def interleaved(modes: Any, args: argparse.Namespace, preset: dict[str, Any], measure_one: Any,
+                report_runs: Any, key: str = "forward_s") -> dict[str, Any]:
+    """Build the model and images (in ``--workdir`` or a temporary folder), run every mode
+    ``--repeats`` times interleaved, so that a busy spell hits every run alike, report the
+    fastest of each by ``key`` and write every trial to ``--json``."""
+    with tempfile.TemporaryDirectory(prefix="mllmprobe-bench-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        model_dir, data_dir = build(workdir, preset, args.images)
+        print(f"built model and {args.images} images in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        trials: dict[Any, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        for _ in range(args.repeats):
+            for mode in trials:
+                trials[mode].append(measure_one(mode, args, model_dir, data_dir))
+    runs = {mode: min(found, key=lambda r: r[key]) for mode, found in trials.items()}
+    summary = report_runs(runs, args)
+    print(f"best of {args.repeats} interleaved runs; {key} per run: "
+          + ", ".join(f"{m} {[round(r[key], 2) for r in found]}" for m, found in trials.items())
+          + f"; load average {load_before} before, "
+          f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else None} after", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "trials": trials}, indent=1, default=str))
+    return summary
 
 
 def _report_single(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
@@ -450,26 +487,8 @@ def main(argv: list[str] | None = None) -> None:
             result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print(RESULT + json.dumps(result, default=str))
         return
-    with tempfile.TemporaryDirectory(prefix="mllmprobe-bench-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        model_dir, data_dir = build(workdir, preset, args.images)
-        print(f"built model and {args.images} images in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        groups = ("single", "multi") if args.names == "both" else (args.names,)
-        trials: dict[str, list[dict[str, Any]]] = {mode: [] for group in groups for mode in GROUPS[group]}
-        for _ in range(args.repeats):  # interleaved, so a busy spell hits every run alike
-            for mode in trials:
-                trials[mode].append(measure(mode, args, model_dir, data_dir))
-        runs = {mode: min(found, key=lambda r: r["forward_s"]) for mode, found in trials.items()}
-        summary = report(runs, args)
-        print(f"best of {args.repeats} interleaved runs; forward s per run: "
-              + ", ".join(f"{m} {[round(r['forward_s'], 2) for r in found]}" for m, found in trials.items())
-              + f"; load average {load_before} before, "
-              f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else None} after", file=sys.stderr)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"summary": summary, "trials": trials}, indent=1, default=str))
+    groups = ("single", "multi") if args.names == "both" else (args.names,)
+    interleaved([mode for group in groups for mode in GROUPS[group]], args, preset, measure, report)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -118,17 +116,7 @@ MODES = {"bare": run_bare, "vision": lambda args: run_bare(args, stop_after_visi
 
 
 def measure(mode: str, args: argparse.Namespace, model_dir: Path, data_dir: Path) -> dict[str, Any]:
-    command = [
-        sys.executable, __file__, "--mode", mode, "--model", str(model_dir), "--data", str(data_dir),
-        "--images", str(args.images), "--batch-size", str(args.batch_size), "--device", args.device,
-        "--dtype", args.dtype, *(["--threads", str(args.threads)] if args.threads else []),
-    ]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(bx.RESULT)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{mode} run failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len(bx.RESULT):])
+    return bx.measured(bx.mode_command(__file__, mode, args, model_dir, data_dir), mode)
 
 
 def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -192,24 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         result["threads"] = torch.get_num_threads()
         print(bx.RESULT + json.dumps(result, default=str))
         return
-    with tempfile.TemporaryDirectory(prefix="mllmprobe-bench-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        model_dir, data_dir = bx.build(workdir, preset, args.images)
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        trials: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-        for _ in range(args.repeats):  # interleaved, so a busy spell hits every run alike
-            for mode in trials:
-                trials[mode].append(measure(mode, args, model_dir, data_dir))
-        runs = {mode: min(found, key=lambda r: r["forward_s"]) for mode, found in trials.items()}
-        summary = report(runs, args)
-        print(f"best of {args.repeats} interleaved runs; forward s per run: "
-              + ", ".join(f"{m} {[round(r['forward_s'], 2) for r in found]}" for m, found in trials.items())
-              + f"; load average {load_before} before, "
-              f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else None} after", file=sys.stderr)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"summary": summary, "trials": trials}, indent=1, default=str))
-
+    bx.interleaved(MODES, args, preset, measure, report)
 
 if __name__ == "__main__":
     main()
