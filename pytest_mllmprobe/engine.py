@@ -973,24 +973,27 @@ def run(models: list[str] | tuple[str, ...] | str, data: str | None = None, *, t
     for key in ("thresholds", "controls"):
         if isinstance(options.get(key), str):
             options[key] = (options[key],)
-    from .distributed import rank_device, start
+    from .distributed import finish, rank_device, start
 
     settings = Settings(models=tuple(models), data=data, **options)
     group = start(settings.device, settings.dist_backend)
-    settings = replace(settings, device=rank_device(settings.device, group))
-    the_plan = plan(settings)
-    evaluator = Evaluator(the_plan)
-    if tests is not None:
-        tests = [tests] if isinstance(tests, str) else list(tests)
-        for m in the_plan.models:
-            evaluator.select(m.spec.label, tests)
-    if group is not None and not group.leader:
-        serve(the_plan, group)
-        return None
-    try:
-        results = {m.spec.label: evaluator.result(m.spec.label) for m in the_plan.models}
+    try:  # a group joined here is left here (one the caller made is left alone)
+        settings = replace(settings, device=rank_device(settings.device, group))
+        the_plan = plan(settings)
+        evaluator = Evaluator(the_plan)
+        if tests is not None:
+            tests = [tests] if isinstance(tests, str) else list(tests)
+            for m in the_plan.models:
+                evaluator.select(m.spec.label, tests)
+        if group is not None and not group.leader:
+            serve(the_plan, group)
+            return None
+        try:
+            results = {m.spec.label: evaluator.result(m.spec.label) for m in the_plan.models}
+        finally:
+            stop_serving(group)
     finally:
-        stop_serving(group)
+        finish()
     return Results(models=results, settings=settings.to_dict(), data=data_summary(the_plan))
 
 
