@@ -8,7 +8,7 @@ readouts). This script plants class signal of growing strength in ``--loci`` fea
 (``--samples`` x ``--width``, float32), splits them 80/20 stratified, and on one machine in one
 run times:
 
-* ``linear``  -- ``fit_probes(kind="linear")``: all loci as one batched L-BFGS problem in torch;
+* ``linear``  -- ``fit_probes(kind="linear")``: batched L-BFGS in torch, one locus at a time;
 * ``sklearn`` -- ``LogisticRegression(C=1)`` per locus, the same standardisation (the naive
   reference's probe; skipped with ``--no-sklearn``);
 * ``mlp``     -- ``fit_probes(kind="mlp")``: the paper's MLP recipe (20 epochs, batch 4, AdamW,

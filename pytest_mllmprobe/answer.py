@@ -128,24 +128,66 @@ def _cache_kwarg(model: Any) -> str:
     return _CACHE_KWARG[kind]
 
 
+class _Arena:
+    """The keys and values of one batch's full-attention layers, rooms included, in one allocation.
+
+    The block is sized at the first layer's update for every such layer alike (keys and values
+    of the first layer's shape): one allocation that large is mapped on its own and handed back
+    whole when the batch ends, where a cache grown tensor by tensor through the forward pins the
+    heap among the forward's temporaries. A layer of another shape, dtype or device, or one past
+    the block, gets a tensor of its own.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.slots, self.block, self.size, self.taken = 2 * layers, None, 0, 0
+
+    def take(self, states: Any, room: int) -> Any:
+        """An empty ``[..., length + room, dim]`` tensor for ``states`` of ``[..., length, dim]``."""
+        import math
+
+        shape = (*states.shape[:-2], states.shape[-2] + room, states.shape[-1])
+        need = math.prod(shape)
+        if self.block is None:
+            self.size = need
+            self.block = states.new_empty(self.slots * need)
+        fits = (self.taken < self.slots and need <= self.size and states.dtype == self.block.dtype
+                and states.device == self.block.device)
+        if not fits:
+            return states.new_empty(shape)
+        start, self.taken = self.taken * self.size, self.taken + 1
+        return self.block[start:start + need].view(shape)
+
+
 class _Slots:
     """One full-attention layer's keys and values with room for a class name after the prompt's.
 
     The layer's ``update`` (an instance attribute: ``Cache.update`` calls it for this layer) writes
     the name's keys and values into the room and returns views of the prompt's plus the name's;
     :meth:`rewind` goes back to the prompt's. ``DynamicLayer.update`` would ``torch.cat`` the
-    layer's whole cache for every name instead.
+    layer's whole cache for every name instead. Installed before the prompt's forward (with an
+    :class:`_Arena`), the prompt's own update writes into the buffers; installed after it, the
+    first name moves the prompt's keys and values there.
     """
 
-    def __init__(self, layer: Any, room: int) -> None:
-        self.layer, self.room, self.prompt = layer, room, layer.keys.shape[-2]
+    def __init__(self, layer: Any, room: int, arena: _Arena | None = None) -> None:
+        self.layer, self.room, self.arena = layer, room, arena
+        self.prompt = layer.keys.shape[-2] if arena is None else -1
         self.buffers: tuple[Any, ...] = ()
         layer.update = self.update
 
     def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         import torch
 
-        layer, end = self.layer, self.prompt + key_states.shape[-2]
+        layer = self.layer
+        if self.prompt < 0:  # the prompt's forward: its keys and values go straight into the buffers
+            self.prompt = key_states.shape[-2]
+            self.buffers = tuple(self.arena.take(states, self.room) for states in (key_states, value_states))
+            for buffer, states in zip(self.buffers, (key_states, value_states)):
+                buffer[..., :self.prompt, :].copy_(states)
+            layer.device, layer.is_initialized = key_states.device, True
+            self.rewind()
+            return key_states, value_states  # the same values, contiguous, for the prompt's attention
+        end = self.prompt + key_states.shape[-2]
         if layer.keys.shape[-2] != self.prompt or end > self.prompt + self.room:
             raise RuntimeError("a class name's continuation must start at the end of the prompt's cache")
         if not self.buffers:  # the first name: the prompt's keys and values move into the buffers, once
@@ -164,6 +206,7 @@ class _Slots:
 
     def close(self) -> None:
         self.layer.__dict__.pop("update", None)  # the class's update again, and no reference cycle
+        self.arena = None
 
 
 class _Rewind:
@@ -172,19 +215,36 @@ class _Rewind:
     Full-attention layers (transformers' ``DynamicLayer``) get :class:`_Slots`; sliding-window
     layers, whose ``update`` rebinds their attributes, get those attributes back; and a layer
     that a continuation only reads (Mllama's cross-attention) is left as it is either way.
+    Built on an empty cache before the prompt's forward (``before``), the full-attention layers
+    fill one :class:`_Arena` and :meth:`prompt_done` takes the others' state after the forward.
     """
 
-    def __init__(self, cache: Any, room: int) -> None:
+    def __init__(self, cache: Any, room: int, *, before: bool = False) -> None:
         from transformers.cache_utils import DynamicLayer
 
+        self.cache = cache
         self.slots: list[_Slots] = []
         self.saved: list[tuple[Any, dict[str, Any]]] = []
-        for layer in cache.layers:
+        full = [layer for layer in cache.layers if type(layer) is DynamicLayer]
+        if before:
+            arena = _Arena(len(full))
+            self.slots = [_Slots(layer, room, arena) for layer in full]
+            return
+        for layer in full:
             keys = getattr(layer, "keys", None)
-            if type(layer) is DynamicLayer and keys is not None and keys.dim() == 4 and keys.shape[-2] > 0:
+            if keys is not None and keys.dim() == 4 and keys.shape[-2] > 0:
                 self.slots.append(_Slots(layer, room))
-            else:
-                self.saved.append((layer, dict(layer.__dict__)))
+        self.prompt_done()
+
+    def prompt_done(self) -> None:
+        """Take the state the class names' continuations go back to (the layers without slots;
+        a layer the prompt's forward never updated loses its slots and is one of them)."""
+        for slots in self.slots:
+            if slots.prompt < 0:
+                slots.close()
+        self.slots = [slots for slots in self.slots if slots.prompt >= 0]
+        mine = {id(slots.layer) for slots in self.slots}
+        self.saved = [(layer, dict(layer.__dict__)) for layer in self.cache.layers if id(layer) not in mine]
 
     def rewind(self) -> None:
         for slots in self.slots:
@@ -196,6 +256,52 @@ class _Rewind:
     def close(self) -> None:
         for slots in self.slots:
             slots.close()
+        self.slots, self.saved, self.cache = [], [], None
+
+
+class CacheRoom:
+    """Room for the class names in the KV cache the prompt's forward is about to build.
+
+    A pre-hook on the first decoder layer finds the forward's cache before anything is in it and,
+    when :func:`rewindable`, puts its full-attention layers in one :class:`_Arena` with room for
+    the longest name (:attr:`rewind`, handed to :func:`scores_from_cache`). A forward that passes
+    its decoder layers no cache leaves :attr:`rewind` ``None``: the names then continue the cache
+    as the forward left it.
+    """
+
+    def __init__(self, first_layer: Any, continuations: list[list[int]]) -> None:
+        self.room = name_room(continuations)
+        self.rewind: _Rewind | None = None
+        self.seen = False
+        self.handle = first_layer.register_forward_pre_hook(self._found, with_kwargs=True)
+
+    def _found(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.seen:
+            return
+        self.seen = True
+        from transformers.cache_utils import Cache
+
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Cache):
+                layers = value.layers if rewindable(value) else []
+                if layers and not any(getattr(layer, "is_initialized", True) for layer in layers):
+                    self.rewind = _Rewind(value, self.room, before=True)
+                return
+
+    def remove(self) -> None:
+        """Take the hook off (after the prompt's forward); :attr:`rewind` stays for the names."""
+        self.handle.remove()
+
+    def close(self) -> None:
+        self.remove()
+        if self.rewind is not None:
+            self.rewind.close()
+            self.rewind = None
+
+
+def name_room(continuations: list[list[int]]) -> int:
+    """Cache positions the longest multi-token name needs after the prompt (all but its last token)."""
+    return max((len(c) - 1 for c in continuations if len(c) > 1), default=0)
 
 
 def rewindable(cache: Any) -> bool:
@@ -214,7 +320,7 @@ def rewindable(cache: Any) -> bool:
 
 def scores_from_cache(
     model: Any, inputs: dict[str, Any], continuations: list[list[int]], extra: dict[str, Any], cache: Any,
-    last_logits: Any,
+    last_logits: Any, rewind: _Rewind | None = None,
 ) -> Any:
     """``[B, K]`` length-normalised scores from the prompt's forward (left-padded inputs):
     its last-position logits ``last_logits`` score every name's first token; each multi-token
@@ -222,7 +328,8 @@ def scores_from_cache(
     without the image inputs, and the cache goes back to the prompt's after each (:class:`_Rewind`:
     the prompt's keys and values are neither repeated nor copied per name). Equals
     :func:`scores_by_continuation`, which a cache that cannot be rewound (:func:`rewindable`) falls
-    back to. The cache is consumed."""
+    back to. ``rewind`` is the cache's :class:`CacheRoom` one, when the room was made before the
+    prompt's forward. The cache is consumed."""
     import torch
 
     if not rewindable(cache):
@@ -235,7 +342,10 @@ def scores_from_cache(
     sums = first[:, torch.tensor([c[0] for c in continuations], device=first.device)]
     longer = [k for k, c in enumerate(continuations) if len(c) > 1]
     deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
-    rewind = _Rewind(cache, max((len(continuations[k]) - 1 for k in longer), default=0))
+    if rewind is not None and rewind.cache is cache:
+        rewind.prompt_done()
+    else:
+        rewind = _Rewind(cache, name_room(continuations))
     try:
         for k in longer:
             fed, target = continuations[k][:-1], continuations[k][1:]  # tokens 1..m-1 go in, 2..m come out

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .answer import (
-    CACHE_FALLBACK_NOTE, cache_of, continues_cache, scores_by_continuation, scores_from_cache,
+    CACHE_FALLBACK_NOTE, CacheRoom, cache_of, continues_cache, scores_by_continuation, scores_from_cache,
     scores_from_last_logits, single_token,
 )
 from .errors import ConfigError
@@ -395,10 +395,11 @@ def extract(
 
         warnings.warn(AnswerScoringWarning(CACHE_FALLBACK_NOTE.format(family=stage_map.family)), stacklevel=2)
     n = len(prompts)
-    scores: list[Any] = []
-    firsts: list[Any] = []
     notes: list[str] = []
     answer = need is None or need.answer
+    # the answer scores and first-token logits: one [N, K] array each, filled batch by batch as the
+    # hooks fill theirs (a small tensor kept per batch would lie among the next forward's temporaries)
+    scores, firsts = (np.zeros((n, len(continuations)), dtype=np.float32) for _ in range(2))
     stop = None if need is None else stop_after(stage_map, need)
     if stop is not None and not getattr(adapter, "stops_early", True):
         notes.append(NO_STOP_NOTE.format(why=f"the {type(adapter).__name__} adapter's model cannot stop early"))
@@ -415,10 +416,7 @@ def extract(
                 )
             except torch.OutOfMemoryError as exc:
                 if batch_size == 1:
-                    raise ExtractionError(
-                        "out of memory with batch size 1: use --mllm-dtype bfloat16, a larger GPU, "
-                        "several GPUs (--mllm-device-map auto) or --mllm-device cpu"
-                    ) from exc
+                    raise ExtractionError(out_of_memory_advice()) from exc
                 free_accelerator_memory()
                 batch_size = max(1, batch_size // 2)
                 if on_oom is not None:
@@ -427,15 +425,15 @@ def extract(
             if hooks.swallowed:  # the model caught the stop itself: run to the end from now on
                 notes.append(NO_STOP_NOTE.format(why=f"the {stage_map.family} model caught the early stop"))
                 hooks.stop_after = None
-            scores.append(batch_scores)
-            firsts.append(batch_firsts)
+            if answer:
+                scores[index[0]:index[-1] + 1] = batch_scores.numpy()
+                firsts[index[0]:index[-1] + 1] = batch_firsts.numpy()
             start = index[-1] + 1
             if progress is not None:
                 progress(start, n)
     if not answer:
         return Features(loci=hooks.outputs, answer_scores=None, batch_size=batch_size, notes=notes)
-    return Features(loci=hooks.outputs, answer_scores=torch.cat(scores).numpy(), batch_size=batch_size,
-                    first_logits=torch.cat(firsts).numpy(), notes=notes)
+    return Features(loci=hooks.outputs, answer_scores=scores, batch_size=batch_size, first_logits=firsts, notes=notes)
 
 
 def _one_batch(
@@ -463,35 +461,59 @@ def _one_batch(
     # No KV cache unless multi-token names continue it: building one raises the peak memory.
     continued = left_padded and not single_token(continuations) and continues_cache(stage_map.family, model)
     caching = {"use_cache": True} if continued and no_cache(model) else no_cache(model)
+    room = CacheRoom(model.get_submodule(stage_map.llm_layers[0]), continuations) if continued else None
     try:
-        out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)
-        hooks.swallowed = hooks.stopped  # raised, yet the forward returned: the model caught it
-    except _StopForward:
-        out = None  # the hook of the last needed locus ended the forward
-    hooks.end_batch()
-    if not answer:
-        return None, None
-    cache = cache_of(out) if continued else None
-    if left_padded:
-        last_logits = out.logits[:, -1]
-    else:
-        rows = torch.arange(mask.shape[0], device=out.logits.device)
-        last_logits = out.logits[rows, last_index.to(out.logits.device)]
-    del out
-    first_ids = torch.tensor([c[0] for c in continuations], device=last_logits.device)
-    first_logits = last_logits.index_select(-1, first_ids).float().cpu()
-    if single_token(continuations):
-        batch_scores = scores_from_last_logits(last_logits, continuations)
-    elif not left_padded:
-        raise ExtractionError("multi-token class names are scored on left-padded prompts only")
-    else:
-        with hooks.paused():
-            if cache is not None:  # the class names continue the prompt's cache: no second image forward
-                batch_scores = scores_from_cache(model, inputs, continuations, extra, cache, last_logits)
-            else:
-                batch_scores = scores_by_continuation(model, inputs, continuations, extra)
-        del cache  # the cache lives for this batch only
-    return batch_scores.float().cpu(), first_logits
+        try:
+            out = model(**inputs, **extra, **caching, logits_to_keep=1 if left_padded else 0)
+            hooks.swallowed = hooks.stopped  # raised, yet the forward returned: the model caught it
+        except _StopForward:
+            out = None  # the hook of the last needed locus ended the forward
+        finally:
+            if room is not None:
+                room.remove()
+        hooks.end_batch()
+        if not answer:
+            return None, None
+        cache = cache_of(out) if continued else None
+        if left_padded:
+            last_logits = out.logits[:, -1]
+        else:
+            rows = torch.arange(mask.shape[0], device=out.logits.device)
+            last_logits = out.logits[rows, last_index.to(out.logits.device)]
+        del out
+        first_ids = torch.tensor([c[0] for c in continuations], device=last_logits.device)
+        first_logits = last_logits.index_select(-1, first_ids).float().cpu()
+        if single_token(continuations):
+            batch_scores = scores_from_last_logits(last_logits, continuations)
+        elif not left_padded:
+            raise ExtractionError("multi-token class names are scored on left-padded prompts only")
+        else:
+            with hooks.paused():
+                if cache is not None:  # the class names continue the prompt's cache: no second image forward
+                    batch_scores = scores_from_cache(model, inputs, continuations, extra, cache, last_logits,
+                                                     rewind=room.rewind if room is not None else None)
+                else:
+                    batch_scores = scores_by_continuation(model, inputs, continuations, extra)
+            del cache  # the cache lives for this batch only
+        return batch_scores.float().cpu(), first_logits
+    finally:
+        if room is not None:
+            room.close()
+
+
+def out_of_memory_advice() -> str:
+    """What to do when even one image does not fit: spreading the model over GPUs
+    (``--mllm-device-map``) is one process's way, refused under torchrun, where each rank holds a
+    whole model on its own GPU."""
+    from .distributed import current
+
+    group = current()
+    if group is None:
+        return ("out of memory with batch size 1: use --mllm-dtype bfloat16, a larger GPU, "
+                "several GPUs (--mllm-device-map auto) or --mllm-device cpu")
+    return (f"out of memory with batch size 1 on rank {group.rank} of {group.world} (each rank holds the whole "
+            "model on its own GPU): use --mllm-dtype bfloat16 or larger GPUs, or run one process without "
+            "torchrun and spread the model over the GPUs with --mllm-device-map auto")
 
 
 def free_accelerator_memory() -> None:

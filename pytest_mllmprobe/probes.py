@@ -6,8 +6,8 @@ the training split only.
 
 - :class:`LinearProbe` (default): multinomial logistic regression (softmax) on standardised
   features, L2-regularised: scikit-learn's ``LogisticRegression(C=1)`` objective, fitted in
-  torch (float32, full-batch L-BFGS). :func:`fit_probes` fits the probes of all loci of the same
-  width together, as one batched problem, on any torch device. ``kind="sklearn"`` fits
+  torch (float32, full-batch L-BFGS). :func:`fit_probes` fits each locus's probe on its own (all
+  its folds and label sets as one batched problem), on any torch device. ``kind="sklearn"`` fits
   scikit-learn's own ``LogisticRegression`` per locus (the reference; slower).
 - :class:`MLPProbe`: the paper's probe, a two-layer MLP (ReLU, dropout 0.1) trained with AdamW,
   lr 1e-4, cosine schedule with 5% warm-up, 20 epochs, batch size 4. :func:`fit_probes` trains
@@ -360,8 +360,8 @@ def fit_predict(
 ) -> dict[str, np.ndarray]:
     """Train one probe per locus on ``train``; its class probabilities on ``test`` (``[n_test, K]``).
 
-    ``linear`` and ``mlp`` probes of all loci of the same width are fitted together, as one
-    batched problem on ``device`` (the engine passes the extraction device); ``sklearn`` fits
+    ``linear`` probes are fitted one locus at a time and ``mlp`` probes of all loci of the same
+    width together, as one batched network, on ``device`` (the engine passes the extraction device); ``sklearn`` fits
     scikit-learn's ``LogisticRegression(C=1)`` per locus on the CPU (the reference the
     ``linear`` probe is tested against). Columns are all ``K = labels.max() + 1`` classes.
     """
@@ -456,8 +456,9 @@ def cross_fit(
     probabilities in ``test`` order (``test`` is the union of the folds' test parts).
 
     With ``permutations``, the control task is fitted in the same batch: the same probe on
-    permuted training labels of each fold, scored on the same held-out images. Linear probes
-    of every fold, label set and locus of one width are one batched fit.
+    permuted training labels of each fold, scored on the same held-out images. The linear
+    probes of one locus (every fold, and every permuted label set) are one batched fit, apart
+    from the other loci's (:func:`_linear_folds`).
     """
     k = int(labels.max()) + 1
     finite = {name: bool(np.isfinite(X).all()) for name, X in features.items()}
@@ -491,7 +492,7 @@ def fit_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: list[A
 
 
 FOLD_BATCH_VALUES = 4_000_000
-"""Standardised feature values (over all folds, one width) below which the folds of a
+"""Standardised feature values of one locus (over all folds) below which the folds of a
 cross-validation are fitted in one L-BFGS batch: small problems are bound by L-BFGS's per-step
 overhead; larger ones go fold by fold, so that memory stays at one fold's copy."""
 
@@ -501,25 +502,25 @@ def _linear_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: li
     """Linear probes of every fold (:func:`fit_linear_folds`): per fold, ``[S, n_test, K]`` per locus.
 
     The real labels (set 0) and the permuted ones (the control task) are two separate fits, so
-    the real probe does not depend on how many permutations the run asked for. Small problems
-    batch every fold together; larger ones go one fold at a time (``FOLD_BATCH_VALUES``).
+    the real probe does not depend on how many permutations the run asked for; and each locus is
+    fitted on its own, so that it does not depend on which other loci the run fits (a ``-k`` run
+    against a full one): L-BFGS on several loci at once shares one line search and one stopping
+    test, which leaves each locus at a slightly different point short of its minimiser. Small
+    problems batch every fold together; larger ones go one fold at a time (``FOLD_BATCH_VALUES``).
     """
     k = int(labels.max()) + 1
-    by_width: dict[int, list[str]] = {}
-    for name, X in features.items():
-        X = _check_X(X, None, f"linear probe of {name}")
-        by_width.setdefault(X.shape[1], []).append(name)
     out: list[dict[str, np.ndarray]] = [{} for _ in folds]
     classes = [np.unique(sets[0]) for sets in label_sets]
     codes = [np.searchsorted(c, sets) for c, sets in zip(classes, label_sets)]
     groups = [(0, 1)] + ([(1, len(label_sets[0]))] if len(label_sets[0]) > 1 else [])
-    for names in by_width.values():
-        n_values = len(names) * sum(len(train) + len(test) for train, test in folds) * features[names[0]].shape[1]
-        same_classes = len({len(c) for c in classes}) == 1
+    same_classes = len({len(c) for c in classes}) == 1
+    for name, X in features.items():
+        _check_X(X, None, f"linear probe of {name}")
+        n_values = sum(len(train) + len(test) for train, test in folds) * X.shape[1]
         batches = [list(range(len(folds)))] if n_values <= FOLD_BATCH_VALUES and same_classes else \
             [[g] for g in range(len(folds))]
         for batch in batches:
-            stacks = {g: _standardised_stack(features, names, *folds[g]) for g in batch}
+            stacks = {g: _standardised_stack(features, [name], *folds[g]) for g in batch}
             parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {g: [] for g in batch}
             for lo, hi in groups:
                 fitted = fit_linear_folds([stacks[g][0] for g in batch], [codes[g][lo:hi] for g in batch],
@@ -527,13 +528,10 @@ def _linear_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: li
                 for g, pair in zip(batch, fitted):
                     parts[g].append(pair)
             for g in batch:
-                coef = np.concatenate([c for c, _ in parts[g]])
+                coef = np.concatenate([c for c, _ in parts[g]])                     # [S, 1, D, M]
                 intercept = np.concatenate([i for _, i in parts[g]])
-                x_test = stacks[g][1]
-                probabilities = np.stack([_linear_proba(coef[s], intercept[s], x_test) for s in range(len(coef))],
-                                         axis=1)
-                for name, p in zip(names, probabilities):
-                    out[g][name] = np.stack([_full_columns(q, classes[g], k) for q in p])
+                [p] = np.stack([_linear_proba(coef[s], intercept[s], stacks[g][1]) for s in range(len(coef))], axis=1)
+                out[g][name] = np.stack([_full_columns(q, classes[g], k) for q in p])
             del stacks
     return out
 

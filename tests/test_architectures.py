@@ -291,13 +291,15 @@ def test_multi_token_class_names_are_scored_in_every_family(family_model, seven_
 MIXED_NAMES = ["normal", "benign cyst", "malignant mass", "covid-positive"]
 
 
-def test_multi_token_names_continue_the_prompt_cache_with_the_same_scores(family_model, seven_images) -> None:
+def test_multi_token_names_continue_the_prompt_cache_with_the_same_scores(family_model, seven_images,
+                                                                          monkeypatch) -> None:
     """Names of 2-3 tokens continue the extraction forward's KV cache (one pass per name, rewound
     after each, no image inputs): the scores equal one full forward per class, under left padding."""
     import torch
 
     import contextlib
 
+    from pytest_mllmprobe import answer as answer_module
     from pytest_mllmprobe.answer import NO_CACHE_CONTINUATION, scores_by_continuation
     from pytest_mllmprobe.extract import AnswerScoringWarning
     from pytest_mllmprobe.models.adapter import ModelAdapter
@@ -315,6 +317,19 @@ def test_multi_token_names_continue_the_prompt_cache_with_the_same_scores(family
     handle = loaded.model.register_forward_hook(
         lambda module, args, kwargs, output: calls.append(kwargs), with_kwargs=True)
     slow = stage_map.family in NO_CACHE_CONTINUATION
+    taken: list[tuple[int, ...]] = []  # what the prompt's forward wrote into the one-block cache (_Arena)
+    original_take = answer_module._Arena.take
+    monkeypatch.setattr(answer_module._Arena, "take",
+                        lambda self, states, room: taken.append(tuple(states.shape)) or original_take(self, states, room))
+    layers: list[tuple[list[str], int]] = []  # per batch: the cache's layer kinds, and how many had room made
+    original_done = answer_module._Rewind.prompt_done
+
+    def prompt_done(self) -> None:
+        layers.append(([type(layer).__name__ for layer in self.cache.layers],
+                       sum(slots.arena is not None for slots in self.slots)))
+        original_done(self)
+
+    monkeypatch.setattr(answer_module._Rewind, "prompt_done", prompt_done)
     try:  # the slow path says so
         with pytest.warns(AnswerScoringWarning, match=stage_map.family) if slow else contextlib.nullcontext():
             ours = extract(loaded.model, loaded.processor, stage_map, lambda idx: [images[i] for i in idx], prompts,
@@ -322,6 +337,15 @@ def test_multi_token_names_continue_the_prompt_cache_with_the_same_scores(family
                            adapter=getattr(loaded, "adapter", None))
     finally:
         handle.remove()
+    # the room for the names was made before the prompt's forward, in one block: keys and values
+    # of every full-attention layer of the cache (sliding-window ones are rewound as they are)
+    if slow:
+        assert taken == [] and layers == []
+    else:
+        [(kinds, arena_slots)] = layers  # one batch
+        full = kinds.count("DynamicLayer")
+        assert full == arena_slots and len(taken) == 2 * full and all(shape[0] == 3 for shape in taken), (kinds, taken)
+        assert full > 0 or set(kinds) == {"DynamicSlidingWindowLayer"}, kinds
     adapter = getattr(loaded, "adapter", None) or ModelAdapter()
     inputs = adapter.encode(loaded.processor, images, prompts, loaded.device, loaded.dtype, "left",
                             family_name=stage_map.family)

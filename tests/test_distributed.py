@@ -213,3 +213,16 @@ def test_bad_distributed_settings_are_usage_errors(pytester: pytest.Pytester, mo
     result = pytester.runpytest("--mllm-model=demo", "-p", "no:cacheprovider", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
+
+
+def test_out_of_memory_at_batch_size_1_under_torchrun_does_not_advise_a_refused_option(monkeypatch) -> None:
+    # --mllm-device-map is refused under torchrun: the advice there is one process spread over the GPUs
+    from pytest_mllmprobe import distributed
+    from pytest_mllmprobe.extract import out_of_memory_advice
+
+    alone = out_of_memory_advice()
+    assert "--mllm-device-map auto" in alone and "rank" not in alone
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Group(1, 2, 1, "nccl"))
+    ranked = out_of_memory_advice()
+    assert ranked.startswith("out of memory with batch size 1 on rank 1 of 2")
+    assert "without torchrun" in ranked

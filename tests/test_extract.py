@@ -254,6 +254,33 @@ def test_cache_continuation_scores_equal_one_forward_per_class(family_model, sev
     np.testing.assert_allclose(variant, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_the_prompt_cache_with_its_rooms_is_one_allocation() -> None:
+    # the prompt's keys and values of every full-attention layer, with room for the longest name,
+    # are views of one block (mapped on its own, handed back whole with the batch); a layer of
+    # another shape or dtype, or one more than the block was sized for, gets a tensor of its own
+    import torch
+
+    from pytest_mllmprobe.answer import _Arena
+
+    arena = _Arena(layers=2)
+    states = torch.randn(3, 2, 5, 4)
+    parts = [arena.take(states, room=2) for _ in range(3)]
+    assert all(part.shape == (3, 2, 7, 4) for part in parts[:3])
+    block = arena.block.untyped_storage().data_ptr()
+    assert [part.untyped_storage().data_ptr() == block for part in parts] == [True, True, True]
+    assert len({part.data_ptr() for part in parts}) == 3  # each its own part of the block
+    assert arena.block.numel() == 4 * 3 * 2 * 7 * 4
+    shorter = arena.take(torch.randn(3, 2, 2, 4), room=2)  # fits in the last slot
+    assert shorter.untyped_storage().data_ptr() == block and shorter.shape == (3, 2, 4, 4)
+    past = arena.take(states, room=2)  # the block has no slot left
+    wider = _Arena(layers=2)
+    wider.take(states, room=0)
+    other = wider.take(torch.randn(3, 2, 9, 4), room=0)  # longer than the slots
+    half = wider.take(states.half(), room=0)
+    assert all(t.untyped_storage().data_ptr() not in (block, wider.block.untyped_storage().data_ptr())
+               for t in (past, other, half))
+
+
 def test_a_cache_that_cannot_be_rewound_falls_back_to_one_forward_per_class(family_model, seven_images) -> None:
     # the names continue the cache one at a time and rewind it; a cache whose layers write into
     # their tensors (static, quantised) or that has no layers cannot be rewound: full forwards

@@ -101,6 +101,30 @@ def test_linear_and_mlp_agree_on_planted_signal() -> None:
     assert abs(linear - mlp) < 0.1
 
 
+def test_a_locus_probe_does_not_depend_on_the_loci_fitted_beside_it() -> None:
+    # a `-k` run fits fewer loci than a full run: each locus's held-out probabilities must be
+    # the same either way, to the bit (batched with other loci, L-BFGS's shared line search and
+    # stopping test would leave it at another point short of its minimiser)
+    from pytest_mllmprobe.data.splits import fold_indices
+    from pytest_mllmprobe.probes import cross_fit
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 150)
+    features = {}
+    for i in range(6):  # one width, planted signal of growing strength
+        X = rng.normal(size=(150, 64)).astype(np.float32)
+        X[:, :3] += (0.3 + 0.3 * i) * np.eye(3)[y]
+        features[f"vision.{i}"] = X
+    folds = fold_indices(y, 5, seed=0)
+    test = np.sort(np.concatenate([te for _, te in folds]))
+    every = cross_fit(features, y, folds, test, permutations=2, seed=0)
+    for chosen in (["vision.1"], ["vision.1", "vision.4"]):
+        part = cross_fit({n: features[n] for n in chosen}, y, folds, test, permutations=2, seed=0)
+        for name in chosen:
+            np.testing.assert_array_equal(part[name].probabilities, every[name].probabilities, err_msg=name)
+            np.testing.assert_array_equal(part[name].controls, every[name].controls, err_msg=name)
+
+
 def test_majority_score_is_the_chance_level_of_accuracy() -> None:
     y_train = np.array([0, 0, 0, 1, 2])
     y_test = np.array([0, 0, 1, 2])

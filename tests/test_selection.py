@@ -240,6 +240,12 @@ def test_a_vision_selection_then_a_full_run_then_a_subset(tmp_path: Path, monkey
     assert full.timings["pooled_loci"] == n_pooled - len(vision)
     assert is_complete(tmp_path, key)
     assert len(list(tmp_path.glob("*.npz"))) == 1  # merged into the one entry
+    # the selection's verdicts are the full run's: each locus's probe is fitted apart from the
+    # loci beside it, so fitting fewer of them changes no number
+    for name in sorted(part.verdicts):
+        mine, theirs = part.verdicts[name].checks, full.verdicts[name].checks
+        assert [(c.rule, c.value, c.passed) for c in mine] == [(c.rule, c.value, c.passed) for c in theirs], name
+    assert part.scores["FHS_V"] == full.scores["FHS_V"]
 
     def no_load(self):
         raise AssertionError("a pure cache hit loaded the model")
