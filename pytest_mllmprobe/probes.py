@@ -361,9 +361,10 @@ def fit_predict(
     """Train one probe per locus on ``train``; its class probabilities on ``test`` (``[n_test, K]``).
 
     ``linear`` probes are fitted one locus at a time and ``mlp`` probes of all loci of the same
-    width together, as one batched network, on ``device`` (the engine passes the extraction device); ``sklearn`` fits
-    scikit-learn's ``LogisticRegression(C=1)`` per locus on the CPU (the reference the
-    ``linear`` probe is tested against). Columns are all ``K = labels.max() + 1`` classes.
+    width together, as one batched network, on ``device`` (the engine passes the extraction
+    device); ``sklearn`` fits scikit-learn's ``LogisticRegression(C=1)`` per locus on the CPU
+    (the reference the ``linear`` probe is tested against). Columns are all
+    ``K = labels.max() + 1`` classes.
     """
     if kind not in PROBES:
         raise ValueError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
@@ -515,7 +516,7 @@ def _linear_folds(features: dict[str, np.ndarray], labels: np.ndarray, folds: li
     groups = [(0, 1)] + ([(1, len(label_sets[0]))] if len(label_sets[0]) > 1 else [])
     same_classes = len({len(c) for c in classes}) == 1
     for name, X in features.items():
-        _check_X(X, None, f"linear probe of {name}")
+        X = _check_X(X, None, f"linear probe of {name}")
         n_values = sum(len(train) + len(test) for train, test in folds) * X.shape[1]
         batches = [list(range(len(folds)))] if n_values <= FOLD_BATCH_VALUES and same_classes else \
             [[g] for g in range(len(folds))]
