@@ -182,8 +182,7 @@ class _Slots:
         if self.prompt < 0:  # the prompt's forward: its keys and values go straight into the buffers
             self.prompt = key_states.shape[-2]
             self.buffers = tuple(self.arena.take(states, self.room) for states in (key_states, value_states))
-            for buffer, states in zip(self.buffers, (key_states, value_states)):
-                buffer[..., :self.prompt, :].copy_(states)
+            self._write(0, key_states, value_states)
             layer.device, layer.is_initialized = key_states.device, True
             self.rewind()
             return key_states, value_states  # the same values, contiguous, for the prompt's attention
@@ -195,10 +194,15 @@ class _Slots:
                 torch.cat([held, held.new_empty((*held.shape[:-2], self.room, held.shape[-1]))], dim=-2)
                 for held in (layer.keys, layer.values)
             )
-        for buffer, states in zip(self.buffers, (key_states, value_states)):
-            buffer[..., self.prompt:end, :].copy_(states)
+        self._write(self.prompt, key_states, value_states)
         layer.keys, layer.values = (buffer[..., :end, :] for buffer in self.buffers)
         return layer.keys, layer.values
+
+    def _write(self, start: int, key_states: Any, value_states: Any) -> None:
+        """Keys and values into the buffers from position ``start`` on."""
+        end = start + key_states.shape[-2]
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[..., start:end, :].copy_(states)
 
     def rewind(self) -> None:
         if self.buffers:

@@ -249,6 +249,7 @@ class ModelRun:
         self.keep: Callable[[LoadedModel], None] | None = None
         #: a rank other than 0 under torch.distributed: extracts its shard for rank 0, nothing else
         self.serving = False
+        self._keys: dict[bool, tuple[str, dict[str, Any]]] = {}
 
     # -- load, extract, answer ------------------------------------------------------------
     def features(self) -> Features:
@@ -258,10 +259,10 @@ class ModelRun:
         need = self.selection.need
         if cache_dir is None:
             return self.compute(need)
-        from .cache import cached_features, extraction_key
+        from .cache import cached_features
         from .selection import everything
 
-        key, meta = extraction_key(self.plan, self.model_plan)  # reads no weights
+        key, meta = self.key()
         start = time.perf_counter()
         features, hit = cached_features(cache_dir, key, self.compute, meta, need=need,
                                         whole=everything(self.model_plan.stage_map).need)
@@ -270,6 +271,17 @@ class ModelRun:
         if hit:
             self.timings.update(load_s=0.0, extract_s=0.0, pooled_loci=0.0, cache_read_s=time.perf_counter() - start)
         return features
+
+    def key(self, random_init: bool = False) -> tuple[str, dict[str, Any]]:
+        """This model's extraction key and cache metadata (:func:`.cache.extraction_key`; reads
+        no weights), or its random-initialisation twin's: computed once per run, though both the
+        feature cache and, under torch.distributed, the ranks' comparison ask for it."""
+        if random_init not in self._keys:
+            from .cache import extraction_key
+
+            variant = f"random-init seed={self.settings.probe_seed}" if random_init else None
+            self._keys[random_init] = extraction_key(self.plan, self.model_plan, variant)
+        return self._keys[random_init]
 
     def compute(self, need: Need | None = None) -> Features:
         """Load the model, extract the loci of ``need`` (default: the selection's), score the answer
@@ -309,7 +321,6 @@ class ModelRun:
         0 tells the serving ranks to do the same (``command``, for the loci of ``need``; default
         all), every rank votes on its part, and the features (the first item of ``local``'s
         result, or the result) are gathered in image order."""
-        from .cache import extraction_key
         from .distributed import RANDOM_INIT, check_intact, current, shards
 
         check_intact()  # a group abandoned earlier in the session cannot extract anything more
@@ -321,9 +332,8 @@ class ModelRun:
             index = next(i for i, m in enumerate(self.plan.models) if m is self.model_plan)
             group.send(command, index, *need_mask(self.model_plan.stage_map, need))
         what = f"the extraction of {self.model_plan.spec.label!r}"
-        variant = f"random-init seed={self.settings.probe_seed}" if command == RANDOM_INIT else None
         try:
-            key = extraction_key(self.plan, self.model_plan, variant)[0]
+            key = self.key(random_init=command == RANDOM_INIT)[0]
         except Exception as exc:  # files missing on this node: still take part, and differ
             key = f"unreadable {type(exc).__name__}"
         group.same(key, what)  # the same model, data and settings on every node
@@ -363,7 +373,7 @@ class ModelRun:
         with re-initialised weights (transformers' own ``_init_weights``, seeded with the probe
         seed), extracted and probed on the same folds; cached like any model's features."""
         from . import scoring
-        from .cache import cached_features, extraction_key
+        from .cache import cached_features
         from .probes import cross_fit
 
         if self.settings.device_map is not None:
@@ -373,10 +383,9 @@ class ModelRun:
             )
         start = time.perf_counter()
         own = dict(self.timings)  # the twin's load and extraction must not overwrite the model's
-        variant = f"random-init seed={self.settings.probe_seed}"
         compute = self.compute_random_init
         if self.settings.cache_dir is not None:
-            key, meta = extraction_key(self.plan, self.model_plan, variant)
+            key, meta = self.key(random_init=True)
             twin, hit = cached_features(self.settings.cache_dir, key, compute, meta)
         else:
             twin, hit = compute(), False
